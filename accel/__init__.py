@@ -1,0 +1,28 @@
+"""accel: dynamic inference for the models you already have, in one line.
+
+    import accel
+    accel.patch(vit, tome=16)                       # shorthand value
+    accel.patch(vit, tome=accel.ToMe(r=16, prop_attn=True))
+    with accel.patched(vit, tome=8):
+        logits = vit(images)
+    accel.describe(vit)                             # what is patched where, and what it did
+    accel.unpatch(vit)                              # bit-exact original behaviour again
+"""
+from __future__ import annotations
+
+from .api import available_methods, describe, patch, patched, unpatch
+from .patches import tome
+from .patches.tome import ToMe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "patched",
+    "describe",
+    "available_methods",
+    "ToMe",
+    "tome",
+    "__version__",
+]

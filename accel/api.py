@@ -1,0 +1,171 @@
+"""Dispatch: method name -> config -> the adapter for this model family; atomic apply and undo.
+
+The patches applied to an object live on it as ``obj._accel_patches`` ({method: MethodPatch},
+in the order applied); the attribute is removed with the last patch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+from .families import family, is_compiled_module, is_timm_vit
+from .patches.base import MethodPatch
+from .patches.tome import ToMe
+
+__all__ = ["patch", "unpatch", "patched", "describe", "get_patch", "available_methods"]
+
+_RECORDS_ATTR = "_accel_patches"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One model family a method supports."""
+
+    matches: Callable[[Any], bool]
+    build: Callable[[Any, Any], MethodPatch]
+    supports: str
+
+
+@dataclass(frozen=True)
+class Method:
+    coerce: Callable[[Any], Any]  # shorthand value or config -> config (TypeError/ValueError)
+    adapters: Tuple[Adapter, ...]
+
+
+def _tome_timm(model: Any, config: ToMe) -> MethodPatch:
+    from .patches.tome.timm import ToMeTimm
+
+    return ToMeTimm(model, config)
+
+
+def _tome_timm_supports() -> str:
+    from .patches.tome.timm import SUPPORTED
+
+    return SUPPORTED
+
+
+_METHODS: Dict[str, Method] = {
+    "tome": Method(ToMe.coerce, (Adapter(is_timm_vit, _tome_timm, _tome_timm_supports()),)),
+}
+
+
+def available_methods() -> Tuple[str, ...]:
+    return tuple(_METHODS)
+
+
+def _records(obj: Any) -> Dict[str, MethodPatch]:
+    return getattr(obj, "__dict__", {}).get(_RECORDS_ATTR, {})
+
+
+def _set_record(obj: Any, name: str, patch_: Optional[MethodPatch]) -> None:
+    records = dict(_records(obj))
+    if patch_ is None:
+        records.pop(name, None)
+    else:
+        records[name] = patch_
+    if records:
+        object.__setattr__(obj, _RECORDS_ATTR, records)
+    elif _RECORDS_ATTR in vars(obj):
+        object.__delattr__(obj, _RECORDS_ATTR)
+
+
+def get_patch(obj: Any, method: str) -> Optional[MethodPatch]:
+    """The installed patch of ``method`` on ``obj``, or None."""
+    return _records(obj).get(method)
+
+
+def _check_method_names(names: Any, caller: str) -> None:
+    for name in names:
+        if name not in _METHODS:
+            raise ValueError(
+                f"accel.{caller}: unknown method {name!r}; available: {', '.join(sorted(_METHODS))}"
+            )
+
+
+def _build(name: str, obj: Any, value: Any) -> MethodPatch:
+    method = _METHODS[name]
+    config = method.coerce(value)
+    for adapter in method.adapters:
+        if adapter.matches(obj):
+            patch_ = adapter.build(obj, config)
+            patch_.method = name
+            return patch_
+    supported = "; ".join(a.supports for a in method.adapters)
+    raise TypeError(f"{name}: {family(obj)} is not supported; supported: {supported}")
+
+
+def patch(obj: Any, **methods: Any) -> Any:
+    """Apply methods to ``obj`` in place and return it: ``accel.patch(vit, tome=16)``.
+
+    Each keyword is a method name with a config object or a shorthand value. Atomic: if any
+    method fails to apply, ``obj`` is left exactly as it was (settings replaced by this call
+    come back too). Patching a method again replaces its settings; different methods compose.
+    """
+    if is_compiled_module(obj):
+        raise TypeError("accel.patch: patch the model first, then torch.compile it (got a compiled module)")
+    if not methods:
+        raise ValueError(
+            f"accel.patch: name at least one method, e.g. tome=16; available: {', '.join(sorted(_METHODS))}"
+        )
+    _check_method_names(methods, "patch")
+    new = {name: _build(name, obj, value) for name, value in methods.items()}  # validates; no change yet
+
+    before = dict(_records(obj))
+    installed = []
+    try:
+        for name, patch_ in new.items():
+            if name in before:
+                before[name].uninstall()
+                _set_record(obj, name, None)
+            patch_.install()
+            installed.append(name)
+            _set_record(obj, name, patch_)
+    except BaseException:
+        for name in reversed(installed):
+            new[name].uninstall()
+            _set_record(obj, name, None)
+        for name, old in before.items():
+            if name in new:
+                old.install()
+                _set_record(obj, name, old)
+        raise
+    return obj
+
+
+def unpatch(obj: Any, *methods: str) -> Any:
+    """Remove the named methods (all when none is named); outputs are bit-exact original again."""
+    _check_method_names(methods, "unpatch")
+    records = _records(obj)
+    for name in methods:
+        if name not in records:
+            patched_names = ", ".join(records) or "nothing"
+            raise ValueError(f"accel.unpatch: {name} is not patched on {family(obj)} (patched: {patched_names})")
+    for name in reversed(list(records)):
+        if not methods or name in methods:
+            records[name].uninstall()
+            _set_record(obj, name, None)
+    return obj
+
+
+@contextlib.contextmanager
+def patched(obj: Any, **methods: Any) -> Iterator[Any]:
+    """``with accel.patched(model, tome=16): ...``: patched inside, as before outside."""
+    before = dict(_records(obj))
+    patch(obj, **methods)
+    try:
+        yield obj
+    finally:
+        unpatch(obj, *methods)
+        for name, old in before.items():
+            if name in methods:
+                old.install()
+                _set_record(obj, name, old)
+
+
+def describe(obj: Any) -> Dict[str, Any]:
+    """What is patched where, with which settings, and what each method did in the last call."""
+    return {
+        "object": family(obj),
+        "methods": {name: patch_.describe() for name, patch_ in _records(obj).items()},
+    }

@@ -1,0 +1,1 @@
+"""Evaluation: side-by-side timing, agreement metrics and report tables."""

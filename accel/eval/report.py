@@ -1,0 +1,58 @@
+"""Tables for reports: the same rows as Markdown (docs) or aligned text (terminal)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+__all__ = ["Column", "BENCH_COLUMNS", "format_table", "replace_section"]
+
+Column = Tuple[str, str, str]  # (key in the row dict, header, format spec)
+
+BENCH_COLUMNS: List[Column] = [
+    ("model", "model", ""),
+    ("batch", "batch", ""),
+    ("method", "method", ""),
+    ("settings", "settings", ""),
+    ("baseline_items_s", "baseline img/s", ".2f"),
+    ("items_s", "patched img/s", ".2f"),
+    ("speedup", "speedup", ".2f"),
+    ("top1_agreement", "top-1 agreement", ".3f"),
+    ("logit_cosine", "logit cosine", ".4f"),
+]
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column], style: str = "markdown") -> str:
+    """Render ``rows`` (dicts) with ``columns``; ``style`` is ``markdown`` or ``text``."""
+    if style not in ("markdown", "text"):
+        raise ValueError(f"style must be 'markdown' or 'text'; got {style!r}")
+    header = [title for _, title, _ in columns]
+    body = [[_cell(row.get(key), spec) for key, _, spec in columns] for row in rows]
+    if style == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    numeric = [bool(spec) for _, _, spec in columns]  # numbers right-aligned, text left-aligned
+
+    def line(cells: List[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body])
+
+
+def replace_section(path: Path, name: str, content: str) -> None:
+    """Put ``content`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``
+    (appending the section if it is not there yet)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{content.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text.lstrip("\n"))

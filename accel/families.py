@@ -1,0 +1,40 @@
+"""Recognise what an object is, without importing a framework the user has not imported.
+
+A timm model can only exist if ``timm`` is already in ``sys.modules``, so checks look there
+instead of importing; ``import accel`` stays cheap and framework-free.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+__all__ = ["qualified_name", "is_timm_vit", "is_compiled_module", "family"]
+
+
+def qualified_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _loaded_class(module_name: str, class_name: str) -> Any:
+    module = sys.modules.get(module_name)
+    return getattr(module, class_name, None) if module is not None else None
+
+
+def is_timm_vit(obj: Any) -> bool:
+    """A timm ``VisionTransformer`` or subclass (ViT, DeiT, DeiT-3, distilled, registers)."""
+    cls = _loaded_class("timm.models.vision_transformer", "VisionTransformer")
+    return cls is not None and isinstance(obj, cls)
+
+
+def is_compiled_module(obj: Any) -> bool:
+    """The wrapper ``torch.compile`` returns for an ``nn.Module``."""
+    cls = _loaded_class("torch._dynamo.eval_frame", "OptimizedModule")
+    return cls is not None and isinstance(obj, cls)
+
+
+def family(obj: Any) -> str:
+    """A short name for the kind of object, for messages and ``describe``."""
+    if is_timm_vit(obj):
+        return "timm.VisionTransformer"
+    return qualified_name(obj)

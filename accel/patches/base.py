@@ -1,0 +1,64 @@
+"""What every method adapter is: one method applied to one object, installable and removable."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+from ..hooks import HookGroup
+
+__all__ = ["MethodPatch", "config_dict"]
+
+
+def config_dict(config: Any) -> Dict[str, Any]:
+    """A config dataclass as a plain dict, for ``describe``."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+class MethodPatch:
+    """Base class of the adapters.
+
+    A subclass validates everything in ``__init__`` (raising ``TypeError``/``ValueError`` without
+    touching the object), adds its hooks in ``_install`` through ``self.hooks`` only, and keeps
+    its per-call state in ``self.state``. ``install`` is atomic: a failure half-way removes the
+    hooks already added. ``install`` after ``uninstall`` works again, so a replaced patch can be
+    put back.
+    """
+
+    method: str = ""
+
+    def __init__(self, target: Any, config: Any) -> None:
+        self.target = target
+        self.config = config
+        self.hooks = HookGroup()
+        self.state: Optional[Any] = None
+        self.patched_modules: Dict[str, str] = {}  # qualified name -> what was hooked there
+
+    # -- to implement -------------------------------------------------------------------------
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def last_call(self) -> Optional[Dict[str, Any]]:
+        """What the method did in the most recent call, or None before the first call."""
+        return None
+
+    # -- shared -------------------------------------------------------------------------------
+    def install(self) -> None:
+        self.patched_modules = {}
+        try:
+            self._install()
+        except BaseException:
+            self.hooks.remove_all()
+            raise
+        if not self.hooks:
+            raise RuntimeError(f"{self.method}: installed no hook on {type(self.target).__name__}")
+
+    def uninstall(self) -> None:
+        self.hooks.remove_all()
+        self.state = None
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "settings": config_dict(self.config),
+            "patched": {"count": len(self.patched_modules), "modules": dict(self.patched_modules)},
+            "last_call": self.last_call(),
+        }

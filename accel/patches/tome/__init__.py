@@ -1,0 +1,42 @@
+"""Token Merging: the matching algorithm (``merge``), its settings and per-framework adapters.
+
+Reachable as ``accel.tome``: ``accel.tome.get_source(model)`` returns what each output token
+stands for after a call with ``ToMe(trace_source=True)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .config import ToMe
+from .merge import BipartiteMatch, bipartite_soft_matching, merge_source, merge_weighted
+
+__all__ = [
+    "ToMe",
+    "BipartiteMatch",
+    "bipartite_soft_matching",
+    "merge_weighted",
+    "merge_source",
+    "get_source",
+    "patch_groups",
+]
+
+
+def get_source(model: Any) -> Optional[torch.Tensor]:
+    """``[B, N_out, N_in]`` 0/1 matrix of the last call: which input tokens each output token
+    stands for (prefix tokens included). Needs ``ToMe(trace_source=True)``."""
+    from ...api import get_patch
+
+    patch = get_patch(model, "tome")
+    if patch is None:
+        raise ValueError(f"tome is not patched on {type(model).__name__}")
+    if not patch.config.trace_source:
+        raise ValueError("tome: source tracing is off; patch with accel.ToMe(r=..., trace_source=True)")
+    return None if patch.state is None else patch.state.source
+
+
+def patch_groups(model: Any) -> Optional[torch.Tensor]:
+    """``[B, N_in]`` int: for each input token, the index of the output token it merged into."""
+    source = get_source(model)
+    return None if source is None else source.argmax(dim=1)

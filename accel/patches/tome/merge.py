@@ -1,0 +1,111 @@
+"""Bipartite soft matching and merging (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023).
+
+Tensors in, tensors out: no framework here. Shapes: ``x: [B, N, C]``, ``size: [B, N, 1]``.
+
+The first ``protected`` tokens (CLS, distillation, registers) never take part in matching and
+stay first, in order. The remaining tokens are split alternately into sets A (even positions)
+and B (odd positions); each A token picks its most similar B token (cosine similarity of the
+metric); the ``r`` A tokens with the most similar partners are merged into them (Sec. 3 of the
+paper). Output order: protected tokens, unmerged A tokens in their original order, B tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["BipartiteMatch", "bipartite_soft_matching", "merge_weighted", "merge_source", "initial_source"]
+
+
+def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(-1, -1, channels)
+
+
+@dataclass
+class BipartiteMatch:
+    """A matching between set A and set B of one batch of token sequences.
+
+    unm_idx: [B, Na - r] A-indices kept; src_idx: [B, r] A-indices merged away;
+    dst_idx: [B, r] the B-index each of those merges into.
+    """
+
+    protected: int
+    num_tokens: int
+    unm_idx: torch.Tensor
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+
+    @property
+    def r(self) -> int:
+        return self.src_idx.shape[1]
+
+    def merge(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """[B, N, C] -> [B, N - r, C]; merged tokens are reduced with ``mode`` (sum, mean, amax)."""
+        p = self.protected
+        head, rest = x[:, :p], x[:, p:]
+        a, b = rest[:, ::2], rest[:, 1::2]
+        c = x.shape[-1]
+        unm = a.gather(1, _expand(self.unm_idx, c))
+        src = a.gather(1, _expand(self.src_idx, c))
+        b = b.scatter_reduce(1, _expand(self.dst_idx, c), src, reduce=mode, include_self=True)
+        return torch.cat([head, unm, b], dim=1)
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N - r, C] -> [B, N, C]: every token merged away takes its destination's value."""
+        p, n_unm = self.protected, self.unm_idx.shape[1]
+        head, unm, b = x[:, :p], x[:, p:p + n_unm], x[:, p + n_unm:]
+        batch, c = x.shape[0], x.shape[-1]
+        src = b.gather(1, _expand(self.dst_idx, c))
+        out = x.new_empty(batch, self.num_tokens, c)
+        out[:, :p] = head
+        rest = out[:, p:]
+        rest[:, 1::2] = b
+        # A token i sits at position 2*i of the unprotected part.
+        rest.scatter_(1, _expand(2 * self.unm_idx, c), unm)
+        rest.scatter_(1, _expand(2 * self.src_idx, c), src)
+        return out
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> BipartiteMatch:
+    """Match ``r`` tokens of ``metric: [B, N, C]`` for merging (the paper's Alg. 1).
+
+    ``r`` is capped at the size of set A; ties between equal scores go to the lower index.
+    """
+    batch, n, _ = metric.shape
+    num_a = (n - protected + 1) // 2
+    r = max(0, min(r, num_a))
+    with torch.no_grad():
+        m = metric[:, protected:]
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)  # [B, Na, Nb] cosine similarities
+        best, best_idx = scores.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True, stable=True)
+        src_idx = order[:, :r]
+        unm_idx = order[:, r:].sort(dim=-1).values
+        dst_idx = best_idx.gather(1, src_idx)
+    return BipartiteMatch(protected, n, unm_idx, src_idx, dst_idx)
+
+
+def merge_weighted(
+    match: BipartiteMatch, x: torch.Tensor, size: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge: a token standing for s patches counts s times.
+
+    Returns the merged ``x: [B, N - r, C]`` and the new ``size: [B, N - r, 1]`` (sizes add up).
+    """
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    x = match.merge(x * size, mode="sum")
+    size = match.merge(size, mode="sum")
+    return x / size, size
+
+
+def initial_source(batch: int, num_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N, N] identity: each token stands for itself."""
+    return torch.eye(num_tokens, device=device, dtype=dtype).expand(batch, -1, -1)
+
+
+def merge_source(match: BipartiteMatch, source: torch.Tensor) -> torch.Tensor:
+    """Track which input tokens each token stands for: ``source: [B, N, N_in]`` of 0/1."""
+    return match.merge(source, mode="amax")

@@ -1,0 +1,180 @@
+"""ToMe adapter for timm ``VisionTransformer``: merge between attention and MLP in every block.
+
+Each block's forward is replaced (through ``accel.hooks``) by the same block computed with
+timm's own submodules (norms, LayerScale, drop-path, qk-norm, MLP), with three changes from
+the paper: attention uses ``F.scaled_dot_product_attention`` with log(size) as a float mask
+(proportional attention), it also returns the head-averaged keys as the matching metric, and
+``r`` tokens are merged by size-weighted average after the attention residual. Blocks that
+neither merge nor need the size bias run timm's original forward untouched.
+
+Prefix tokens (``model.num_prefix_tokens``: CLS, distillation, registers) are never merged and
+stay first, so timm's pooling and heads find them where they expect. ``pool`` is hooked so that
+``global_pool='avg'``/``'avgmax'`` average by size. ``forward_features`` returns the merged
+tokens ``[B, N', C]`` with ``N' <= N``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...families import qualified_name
+from ..base import MethodPatch
+from .config import ToMe
+from .merge import bipartite_soft_matching, initial_source, merge_source, merge_weighted
+
+__all__ = ["ToMeTimm", "ToMeState", "attention_with_size", "SUPPORTED"]
+
+SUPPORTED = (
+    "timm VisionTransformer models (ViT, DeiT, distilled DeiT, DeiT-3, register-token and "
+    "dynamic_img_size variants) built from timm's Block/ResPostBlock and Attention"
+)
+
+
+class ToMeState:
+    """Per-call state of one patched model; reset when block 0 starts a forward pass."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.size: Optional[torch.Tensor] = None  # [B, N, 1] patches each token stands for
+        self.source: Optional[torch.Tensor] = None  # [B, N, N_in] when tracing
+        self.tokens_in: List[int] = []
+        self.merged: List[int] = []
+
+
+def attention_with_size(attn: Any, x: torch.Tensor, size: Optional[torch.Tensor]):
+    """timm ``Attention`` on ``x: [B, N, C]`` with log(size) added to the logits.
+
+    Returns the attention output ``[B, N, C]`` and the metric ``[B, N, head_dim]``: keys (after
+    qk-norm) averaged over heads, as in the paper (Sec. 3, "Token Similarity").
+    """
+    batch, n, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1).to(q.dtype)  # [B, 1, 1, N]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )
+    out = out.transpose(1, 2).reshape(batch, n, heads * head_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, k.mean(dim=1)
+
+
+class ToMeTimm(MethodPatch):
+    method = "tome"
+
+    def __init__(self, model: Any, config: ToMe) -> None:
+        super().__init__(model, config)
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block, ResPostBlock
+
+        name = qualified_name(model)
+        if getattr(model, "attn_pool", None) is not None:
+            raise TypeError(
+                f"tome: {name} pools with an attention head (global_pool={model.global_pool!r}), which "
+                f"ToMe cannot serve correctly; supported: {SUPPORTED} with global_pool token/avg/avgmax/max/''"
+            )
+        blocks = list(getattr(model, "blocks", []))
+        if not blocks:
+            raise TypeError(f"tome: matched no transformer block in {name} (model.blocks is empty)")
+        for i, blk in enumerate(blocks):
+            if type(blk) not in (Block, ResPostBlock) or type(getattr(blk, "attn", None)) is not Attention:
+                attn_name = type(getattr(blk, "attn", None)).__name__
+                raise TypeError(
+                    f"tome: {name}.blocks.{i} is {type(blk).__name__} with {attn_name} attention, which "
+                    f"ToMe cannot serve correctly (rotary, parallel or custom blocks); supported: {SUPPORTED}"
+                )
+        self.blocks = blocks
+        self.post_norm = [type(blk) is ResPostBlock for blk in blocks]
+        self.schedule = config.per_block_r(len(blocks))
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    # -- installation ---------------------------------------------------------------------------
+    def _install(self) -> None:
+        self.state = ToMeState()
+        for i, blk in enumerate(self.blocks):
+            self.hooks.add(blk, functools.partial(self._block_forward, i))
+            self.patched_modules[f"blocks.{i}"] = f"merge r={self.schedule[i]}"
+        if callable(getattr(self.target, "pool", None)):
+            self.hooks.add(self.target, self._pool, "pool")
+            self.patched_modules["pool"] = "size-weighted average"
+        if callable(getattr(self.target, "forward_intermediates", None)):
+            self.hooks.add(self.target, self._forward_intermediates, "forward_intermediates")
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _block_forward(self, index: int, block: Any, call_next: Any, x: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        state = self.state
+        if index == 0:
+            state.reset()
+        if attn_mask is not None or is_causal:
+            raise ValueError("tome: attn_mask/is_causal cannot be combined with token merging; unpatch first")
+        n = x.shape[1]
+        r = max(0, min(self.schedule[index], (n - self.num_prefix) // 2))
+        if self.config.trace_source and state.source is None:
+            state.source = initial_source(x.shape[0], n, x.device, x.dtype)
+        if r == 0 and (state.size is None or not self.config.prop_attn):
+            out = call_next(x)  # nothing to merge and no size bias: timm's own forward
+        else:
+            out = self._merge_block(block, self.post_norm[index], x, r)
+        if not torch.compiler.is_compiling():
+            state.tokens_in.append(n)
+            state.merged.append(r)
+        return out
+
+    def _merge_block(self, block: Any, post_norm: bool, x: torch.Tensor, r: int) -> torch.Tensor:
+        state = self.state
+        size = state.size if self.config.prop_attn else None
+        if post_norm:
+            attn_out, metric = attention_with_size(block.attn, x, size)
+            x = x + block.drop_path1(block.norm1(attn_out))
+        else:
+            attn_out, metric = attention_with_size(block.attn, block.norm1(x), size)
+            x = x + block.drop_path1(block.ls1(attn_out))
+        if r > 0:
+            match = bipartite_soft_matching(metric, r, protected=self.num_prefix)
+            x, state.size = merge_weighted(match, x, state.size)
+            if state.source is not None:
+                state.source = merge_source(match, state.source)
+        if post_norm:
+            return x + block.drop_path2(block.norm2(block.mlp(x)))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def _pool(self, model: Any, call_next: Any, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        size = self.state.size
+        kind = model.global_pool if pool_type is None else pool_type
+        if size is None or kind not in ("avg", "avgmax") or size.shape[:2] != x.shape[:2]:
+            return call_next(x, pool_type=pool_type)
+        start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+        tokens, weights = x[:, start:], size[:, start:].to(x.dtype)
+        mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+        return mean if kind == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+
+    def _forward_intermediates(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(self.schedule) and kwargs.get("output_fmt", "NCHW") != "NLC":
+            raise NotImplementedError(
+                "tome: merged tokens no longer form a grid, so forward_intermediates works only with "
+                "output_fmt='NLC' while ToMe is patched (or unpatch first)"
+            )
+        return call_next(*args, **kwargs)
+
+    # -- reporting ------------------------------------------------------------------------------
+    def last_call(self) -> Optional[Dict[str, Any]]:
+        state = self.state
+        if state is None or not state.tokens_in:
+            return None
+        return {
+            "tokens_in": list(state.tokens_in),
+            "merged": list(state.merged),
+            "tokens_out": state.tokens_in[-1] - state.merged[-1],
+        }
