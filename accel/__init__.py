@@ -10,11 +10,17 @@
 """
 from __future__ import annotations
 
+import sys as _sys
+
 from .api import available_methods, describe, patch, patched, unpatch
 from .patches import tome
 from .patches.tome import ToMe
 
 __version__ = "0.1.0"
+
+# ``from accel.tome import ...`` works like ``accel.tome.<name>``: each method's package is
+# reachable from the top (DESIGN.md, section 1).
+_sys.modules[__name__ + ".tome"] = tome
 
 __all__ = [
     "patch",

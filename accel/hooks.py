@@ -50,7 +50,7 @@ class _Chain:
 
     def rebuild(self) -> None:
         fn = self.base
-        for hook in reversed(self.hooks):
+        for hook in self.hooks:  # the hook added last ends up outermost
             fn = functools.partial(hook, self.module, fn)
         self.composed = fn
 

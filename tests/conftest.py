@@ -1,0 +1,42 @@
+"""Shared helpers: small timm ViTs with seeded random weights (no network, no checkpoint)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3)  # 64 patches
+
+
+def make_vit(name: str = "vit_tiny_patch16_224", seed: int = 0, **overrides):
+    """A timm model from the registry at a small size, seeded, in eval mode."""
+    import timm
+
+    torch.manual_seed(seed)
+    kwargs = dict(SMALL, num_classes=10)
+    kwargs.update(overrides)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def randomize_layer_scale(model, seed: int = 1) -> None:
+    """LayerScale starts near 1e-5 (DeiT-3), which would hide whether it is applied."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+
+
+def images(batch: int = 2, size=(32, 32), seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def vit():
+    return make_vit()

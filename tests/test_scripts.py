@@ -1,0 +1,19 @@
+"""The benchmark script runs end to end on tiny settings and writes its outputs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_vit_writes_json_and_markdown(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_vit.py"), "--models", "vit_tiny_patch16_224",
+           "--batches", "1,2", "--r", "0,4", "--repeats", "1", "--repeats-batch1", "1",
+           "--agreement-batch", "2", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    data = json.loads((tmp_path / "bench_vit.json").read_text())
+    assert [(row["batch"], row["settings"]) for row in data["rows"]] == [(1, "r=0"), (1, "r=4"), (2, "r=0"), (2, "r=4")]
+    assert data["rows"][0]["top1_agreement"] == 1.0  # r=0 is the unpatched model
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- bench_vit:start -->" in md and "| vit_tiny_patch16_224 | 2 | tome | r=4 |" in md
