@@ -73,8 +73,8 @@ def main() -> None:
     parser.add_argument("--models", type=_list(str), default=["vit_small_patch16_224", "vit_base_patch16_224"])
     parser.add_argument("--batches", type=_list(int), default=[1, 32])
     parser.add_argument("--r", type=_list(int), default=[0, 8, 13, 16])
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds for batch > 1")
-    parser.add_argument("--repeats-batch1", type=int, default=20, help="interleaved rounds for batch 1")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds for batch > 1")
+    parser.add_argument("--repeats-batch1", type=int, default=30, help="interleaved rounds for batch 1")
     parser.add_argument("--agreement-batch", type=int, default=32, help="images for top-1 agreement/cosine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tome-original", type=Path, default=None, help="checkout of facebookresearch/ToMe")
@@ -104,6 +104,18 @@ def main() -> None:
         f"Command: `{meta['command']}`\n\n{table}\n"
     )
     replace_section(args.out / "benchmarks.md", "bench_vit", section)
+    if args.out.resolve() == (ROOT / "docs").resolve():
+        replace_section(ROOT / "README.md", "readme_figures", readme_summary(rows, meta))
+
+
+def readme_summary(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    """The largest-batch rows, compactly, for the README."""
+    largest = max(row["batch"] for row in rows)
+    columns = [("model", "model", ""), ("settings", "settings", ""), ("speedup", "speedup", ".2f"),
+               ("items_s", "img/s", ".2f"), ("baseline_items_s", "unpatched img/s", ".2f"),
+               ("logit_cosine", "logit cosine", ".4f")]
+    picked = [row for row in rows if row["batch"] == largest and row["settings"] != "r=0"]
+    return f"Batch {largest}, measured {meta['date']}:\n\n" + format_table(picked, columns)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def build(variant):
         return model
     if variant == "qknorm_postnorm":
         torch.manual_seed(0)
-        return _vit_class()(**SMALL, num_classes=10, qk_norm=True, block_fn=ResPostBlock, init_values=0.7).eval()
+        return _vit_class()(**SMALL, num_classes=10, qk_norm=True, scale_attn_norm=True, block_fn=ResPostBlock,
+                            init_values=0.7).eval()
     if variant == "dynamic_img_size":
         return make_vit(dynamic_img_size=True)
     raise KeyError(variant)
