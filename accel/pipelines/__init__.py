@@ -1,1 +1,23 @@
-"""Loaders for the built-in models in ``assets/``, presets and real-model helpers (not built yet)."""
+"""Built-in models trained by the project and shipped in ``assets/`` (offline), and their data.
+
+    vit = accel.pipelines.load("fashion-vit")          # timm VisionTransformer, trained
+    images, labels = accel.pipelines.load_test_subset()  # uint8 [N, 28, 28], int64 [N]
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_for
+
+__all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
+
+BUILT_IN = ("fashion-vit",)
+
+
+def load(name: str) -> Any:
+    """A built-in trained model by name, offline: ``"fashion-vit"`` -> timm ViT classifier."""
+    if name == "fashion-vit":
+        from .fashion_vit import load_fashion_vit
+
+        return load_fashion_vit()
+    raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILT_IN)}")

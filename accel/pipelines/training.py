@@ -1,0 +1,87 @@
+"""What the training scripts of the built-in models share: seeded batches, augmentation, the
+AdamW + warm-up/cosine recipe, and checkpoints that make every run resumable.
+
+Batch order is a function of (seed, epoch) and augmentation of (seed, step), so a run resumed
+from a checkpoint sees the same data as one that was never interrupted.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["augment", "lr_factor", "make_optimizer", "batch_indices", "step_generator", "Checkpoint"]
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random shift by up to ``pad`` pixels (background filled) and horizontal flip: ``x: [B, C, H, W]``."""
+    batch, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))
+    dy = torch.randint(0, 2 * pad + 1, (batch,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (batch,), generator=gen)
+    flips = torch.rand(batch, generator=gen) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(batch)])
+    return torch.where(flips[:, None, None, None], out.flip(-1), out) if flip else out
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup: int, total: int):
+    """AdamW without decay on biases, norms and embeddings, and its warm-up/cosine schedule."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        embedding = "pos_embed" in name or name.endswith("embedding.weight")
+        (decay if param.ndim > 1 and not embedding else no_decay).append(param)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    return optimizer, scheduler
+
+
+def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> Tuple[int, torch.Tensor]:
+    """(epoch, indices of the items of ``step``): each epoch a seeded permutation."""
+    steps_per_epoch = math.ceil(num_items / batch_size)
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return epoch, order[index * batch_size:(index + 1) * batch_size]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one training step (augmentation, noise, dropout of conditions)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class Checkpoint:
+    """Model, optimiser, schedule and step in one file, written atomically."""
+
+    def __init__(self, path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+        self.path = Path(path)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def resume(self) -> int:
+        """The step to continue from (0 without a checkpoint)."""
+        if not self.path.exists():
+            return 0
+        state: Dict[str, Any] = torch.load(self.path, map_location="cpu")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        print(f"resumed from {self.path} at step {state['step']}", flush=True)
+        return int(state["step"])
+
+    def save(self, step: int, extra: Optional[Dict[str, Any]] = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "step": step, **(extra or {})}, tmp)
+        tmp.replace(self.path)
