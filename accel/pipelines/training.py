@@ -6,14 +6,17 @@ from a checkpoint sees the same data as one that was never interrupted.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["augment", "lr_factor", "make_optimizer", "batch_indices", "step_generator", "Checkpoint"]
+__all__ = ["augment", "lr_factor", "make_optimizer", "batch_indices", "step_generator", "Checkpoint",
+           "add_training_args", "train_loop"]
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
@@ -85,3 +88,59 @@ class Checkpoint:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "step": step, **(extra or {})}, tmp)
         tmp.replace(self.path)
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
+                      weight_decay: float, warmup_steps: int, work_dir: Path, checkpoint_every: int = 100) -> None:
+    """The options every training script has, with the script's own defaults."""
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--weight-decay", type=float, default=weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=warmup_steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: auto)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    parser.add_argument("--work-dir", type=Path, default=work_dir, help="checkpoints (resumed from if present)")
+
+
+def train_loop(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor], *, num_items: int,
+               args: argparse.Namespace, clip_grad: Optional[float] = 1.0,
+               after_step: Optional[Callable[[], None]] = None,
+               after_epoch: Optional[Callable[[int], None]] = None, log_every: int = 50) -> Tuple[int, int]:
+    """Run (or resume) ``args.epochs`` epochs of ``loss_at(step)`` with the shared recipe.
+
+    Returns ``(steps done, total steps)``; fewer than total when ``args.max_steps`` stopped it.
+    """
+    total = args.epochs * math.ceil(num_items / args.batch_size)
+    optimizer, scheduler = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, total)
+    checkpoint = Checkpoint(Path(args.work_dir) / "checkpoint.pt", model, optimizer, scheduler)
+    step = checkpoint.resume()
+    stop = min(total, args.max_steps) if args.max_steps else total
+    steps_per_epoch = math.ceil(num_items / args.batch_size)
+    start_time, losses = time.time(), []
+    while step < stop:
+        model.train()
+        loss = loss_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        scheduler.step()
+        if after_step is not None:
+            after_step()
+        step += 1
+        losses.append(loss.item())
+        if step % log_every == 0 or step == stop:
+            recent = losses[-log_every:]
+            print(f"step {step}/{total} loss {sum(recent) / len(recent):.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                  f"{(time.time() - start_time) / len(losses):.2f}s/step", flush=True)
+        if step % args.checkpoint_every == 0 or step == stop:
+            checkpoint.save(step)
+        if after_epoch is not None and step % steps_per_epoch == 0:
+            after_epoch(step // steps_per_epoch - 1)
+    if step < total:
+        print(f"stopped at step {step}/{total} (--max-steps); rerun to resume", flush=True)
+    return step, total

@@ -1,0 +1,86 @@
+"""The built-in text-to-image pipeline: a diffusers ``StableDiffusionPipeline`` of standard parts.
+
+- ``AutoencoderKL``: 1-channel 32x32 images (Fashion-MNIST padded by 2 pixels) <-> 4x16x16 latents.
+- ``CLIPTextModel`` + ``CLIPTokenizer``: the text tower and vocabulary of ``fashion-clip``.
+- ``UNet2DConditionModel``: cross-attention transformer blocks at 16x16 and 8x8 (and the mid block).
+- ``DDIMScheduler``.
+
+Made by ``scripts/train_fashion_vae.py`` then ``scripts/train_fashion_sd.py``; saved with
+``save_pretrained`` in ``assets/fashion-sd`` and loadable with ``StableDiffusionPipeline.from_pretrained``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .data import ASSETS
+
+__all__ = ["IMAGE_SIZE", "PAD", "to_vae_range", "from_vae_range", "build_vae", "build_unet",
+           "noise_scheduler_config", "assemble_pipeline", "load_fashion_sd"]
+
+FASHION_SD_DIR = ASSETS / "fashion-sd"
+IMAGE_SIZE, PAD = 32, 2  # 28x28 padded to a size the autoencoder halves cleanly
+
+
+def to_vae_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, 28, 28]`` -> float ``[N, 1, 32, 32]`` in [-1, 1], background padded."""
+    x = images.unsqueeze(1).float() / 127.5 - 1.0
+    return F.pad(x, (PAD, PAD, PAD, PAD), value=-1.0)
+
+
+def from_vae_range(x: torch.Tensor) -> torch.Tensor:
+    """float ``[N, 1, 32, 32]`` in [-1, 1] -> uint8 ``[N, 28, 28]`` (the padding cropped)."""
+    x = x[:, 0, PAD:IMAGE_SIZE - PAD, PAD:IMAGE_SIZE - PAD]
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+    )
+
+
+def build_unet(cross_attention_dim: int = 128):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(48, 96), layers_per_block=1, norm_num_groups=16,
+        # diffusers' legacy name: ``attention_head_dim`` is the number of heads per level (32-dim heads at 8x8)
+        cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 3),
+    )
+
+
+def noise_scheduler_config() -> Dict[str, Any]:
+    """Stable Diffusion's noise schedule (scaled-linear betas), epsilon prediction."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**noise_scheduler_config()), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_fashion_sd(folder: Optional[Path] = None):
+    """The trained ``StableDiffusionPipeline``, fp32, CPU, offline."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder or FASHION_SD_DIR), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
