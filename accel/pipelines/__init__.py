@@ -1,6 +1,7 @@
 """Built-in models trained by the project and shipped in ``assets/`` (offline), and their data.
 
     vit = accel.pipelines.load("fashion-vit")          # timm VisionTransformer, trained
+    clip, processor = accel.pipelines.load("fashion-clip")
     images, labels = accel.pipelines.load_test_subset()  # uint8 [N, 28, 28], int64 [N]
 """
 from __future__ import annotations
@@ -11,13 +12,20 @@ from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_
 
 __all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
 
-BUILT_IN = ("fashion-vit",)
+BUILT_IN = ("fashion-vit", "fashion-clip")
 
 
 def load(name: str) -> Any:
-    """A built-in trained model by name, offline: ``"fashion-vit"`` -> timm ViT classifier."""
+    """A built-in trained model by name, offline.
+
+    ``"fashion-vit"`` -> timm ``VisionTransformer``; ``"fashion-clip"`` -> ``(CLIPModel, CLIPProcessor)``.
+    """
     if name == "fashion-vit":
         from .fashion_vit import load_fashion_vit
 
         return load_fashion_vit()
+    if name == "fashion-clip":
+        from .fashion_clip import load_fashion_clip
+
+        return load_fashion_clip()
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILT_IN)}")

@@ -56,3 +56,13 @@ def test_training_script_smoke_and_reload(tmp_path):
     assert {"vocab.json", "merges.txt", "config.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
     model, processor = load_fashion_clip(tmp_path / "out")
     assert model.config.projection_dim == 64 and len(processor.tokenizer) > len(FASHION_CLASSES)
+
+
+def test_shipped_clip_zero_shot_accuracy_on_a_fixed_slice():
+    from accel.pipelines import load
+    from accel.pipelines.fashion_clip import zero_shot_logits
+
+    model, processor = load("fashion-clip")
+    images, labels = load_test_subset()
+    logits = zero_shot_logits(model, processor.tokenizer, images[:500])
+    assert (logits.argmax(-1) == labels[:500]).float().mean() >= 0.75  # the bar of issue 3
