@@ -153,14 +153,17 @@ def patched(obj: Any, **methods: Any) -> Iterator[Any]:
     """``with accel.patched(model, tome=16): ...``: patched inside, as before outside."""
     before = dict(_records(obj))
     patch(obj, **methods)
+    ours = {name: _records(obj)[name] for name in methods}
     try:
         yield obj
     finally:
-        unpatch(obj, *methods)
-        for name, old in before.items():
-            if name in methods:
-                old.install()
-                _set_record(obj, name, old)
+        for name, patch_ in ours.items():
+            if _records(obj).get(name) is patch_:  # not already unpatched or replaced inside the block
+                patch_.uninstall()
+                _set_record(obj, name, None)
+                if name in before:
+                    before[name].install()
+                    _set_record(obj, name, before[name])
 
 
 def describe(obj: Any) -> Dict[str, Any]:

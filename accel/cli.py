@@ -8,7 +8,10 @@ from typing import List, Optional
 
 __all__ = ["main"]
 
-DEFAULT_MODEL = "vit_base_patch16_224"
+BUILT_IN_VIT = "fashion-vit"
+DEFAULT_MODEL = BUILT_IN_VIT
+DEFAULT_R_BUILT_IN = [1, 2, 3]  # 50 tokens, 12 blocks
+DEFAULT_R_TIMM = [8, 16]  # 197 tokens, 12 blocks
 
 
 def _int_list(text: str) -> List[int]:
@@ -21,27 +24,47 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench_inputs(args: argparse.Namespace):
+    """(model, timing inputs, check inputs, labels or None, description) for ``--model``."""
     import torch
-    import timm
 
-    from . import ToMe
-    from .eval.bench import compare_variants, patched_copy
-    from .eval.report import BENCH_COLUMNS, format_table
+    if args.model == BUILT_IN_VIT:
+        from .pipelines import load, load_test_subset
+        from .pipelines.fashion_vit import preprocess
+
+        images, labels = load_test_subset()
+        n = min(args.eval_images, len(images))
+        return (load(BUILT_IN_VIT), preprocess(images[: args.batch]), preprocess(images[:n]), labels[:n],
+                f"model: {BUILT_IN_VIT} (built-in timm ViT trained on Fashion-MNIST; accuracy on {n} images "
+                f"of the shipped test subset)")
+    import timm
 
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, pretrained=False).eval()
-    cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    inputs = torch.randn(args.batch, *cfg, generator=torch.Generator().manual_seed(args.seed))
-    print(
-        f"model: {args.model} (timm, seeded random weights, seed {args.seed}: no network, no trained "
-        f"checkpoint; speed is real, agreement is measured on random weights)"
-    )
-    print(f"input: {args.batch} x {tuple(cfg)} fp32, {torch.get_num_threads()} threads, "
+    shape = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    inputs = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
+    return (model, inputs, inputs, None,
+            f"model: {args.model} (timm, seeded random weights, seed {args.seed}: no network, no trained "
+            f"checkpoint; speed is real, agreement is measured on random weights)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import ToMe
+    from .eval.bench import compare_variants, patched_copy
+    from .eval.report import ACCURACY_COLUMNS, BENCH_COLUMNS, format_table
+
+    model, inputs, check, labels, description = _bench_inputs(args)
+    rs = args.r or (DEFAULT_R_BUILT_IN if args.model == BUILT_IN_VIT else DEFAULT_R_TIMM)
+    print(description)
+    print(f"input: batch {tuple(inputs.shape)} fp32, {torch.get_num_threads()} threads, "
           f"{args.repeats} interleaved rounds, medians\n")
-    variants = {f"r={r}": patched_copy(model, tome=ToMe(r=r)) for r in args.r}
-    rows = compare_variants(model, variants, inputs, model_name=args.model, method="tome", repeats=args.repeats)
-    print(format_table([row.as_dict() for row in rows], BENCH_COLUMNS, style="text"))
+    variants = {f"r={r}": patched_copy(model, tome=ToMe(r=r)) for r in rs}
+    rows = compare_variants(model, variants, inputs, model_name=args.model, method="tome",
+                            repeats=args.repeats, agreement_inputs=check, labels=labels)
+    columns = BENCH_COLUMNS if labels is None else ACCURACY_COLUMNS
+    print(format_table([row.as_dict() for row in rows], columns, style="text"))
     return 0
 
 
@@ -66,10 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="speed and agreement of each method against the unpatched model")
-    bench.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
-    bench.add_argument("--batch", type=int, default=8, help="images per call (default 8)")
-    bench.add_argument("--r", type=_int_list, default=[8, 16], help="ToMe r values, comma-separated (default 8,16)")
-    bench.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
+    bench.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"{BUILT_IN_VIT} (built-in, trained; the default) or a timm model name (random weights)")
+    bench.add_argument("--batch", type=int, default=64, help="images per timed call (default 64)")
+    bench.add_argument("--r", type=_int_list, default=None,
+                       help=f"ToMe r values, comma-separated (default {','.join(map(str, DEFAULT_R_BUILT_IN))} for "
+                            f"{BUILT_IN_VIT}, {','.join(map(str, DEFAULT_R_TIMM))} for timm models)")
+    bench.add_argument("--eval-images", type=int, default=2000, help="test-subset images for accuracy (built-in)")
+    bench.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (default 5)")
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="versions and available methods")

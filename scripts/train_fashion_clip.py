@@ -31,7 +31,7 @@ from accel.pipelines.fashion_clip import (  # noqa: E402
 )
 from accel.pipelines.tokenizer import write_vocab_files  # noqa: E402
 from accel.pipelines.training import (  # noqa: E402
-    add_training_args, augment, batch_indices, step_generator, train_loop,
+    add_training_args, augment, batch_indices, recorded_args, step_generator, train_loop,
 )
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     shipped, shipped_processor = load_fashion_clip(args.out)
     metrics = {"zero_shot_accuracy": zero_shot_accuracy(shipped, shipped_processor.tokenizer, test_x, test_y),
                "test_images": len(test_x), "steps": step, "total_steps": total,
-               "train": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+               "train": recorded_args(args, ROOT)}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {args.out}: zero-shot accuracy {metrics['zero_shot_accuracy']:.4f} on {len(test_x)} images",
           flush=True)

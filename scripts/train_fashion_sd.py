@@ -67,7 +67,7 @@ def class_accuracy_of_generations(pipe, classifier, per_class: int, steps: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(parser, epochs=3, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=100,
+    add_training_args(parser, epochs=2, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=100,
                       work_dir=ROOT / ".train" / "fashion-sd")
     parser.add_argument("--uncond-prob", type=float, default=0.1)
     parser.add_argument("--clip", type=Path, default=ROOT / "assets" / "fashion-clip")

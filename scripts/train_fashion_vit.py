@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PosixPath
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from accel.eval.report import replace_section  # noqa: E402
 from accel.pipelines.data import load_fashion_mnist  # noqa: E402
 from accel.pipelines.training import (  # noqa: E402
-    add_training_args, augment, batch_indices, step_generator, train_loop,
+    add_training_args, augment, batch_indices, recorded_args, step_generator, train_loop,
 )
 from accel.pipelines.fashion_vit import FASHION_VIT_ARGS, build_fashion_vit, load_fashion_vit, preprocess  # noqa: E402
 
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from the model weights of this checkpoint (a second training stage)")
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "fashion-vit")
     args = parser.parse_args()
 
@@ -60,6 +62,9 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = build_fashion_vit(drop_path_rate=args.drop_path)
+    if args.init_from:
+        with torch.serialization.safe_globals([PosixPath]):  # older checkpoints stored their paths
+            model.load_state_dict(torch.load(args.init_from, map_location="cpu")["model"])
 
     def loss_at(step: int) -> torch.Tensor:
         _, idx = batch_indices(len(train_x), args.batch_size, args.seed, step)
@@ -76,8 +81,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
               str(args.out / "model.safetensors"))
-    config = {"model_args": FASHION_VIT_ARGS, "train": {k: str(v) if isinstance(v, Path) else v
-                                                          for k, v in vars(args).items()},
+    config = {"model_args": FASHION_VIT_ARGS, "train": recorded_args(args, ROOT),
               "steps": step, "total_steps": total}
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shipped = load_fashion_vit(args.out)
@@ -87,16 +91,22 @@ def main() -> None:
     print(f"wrote {args.out}: test accuracy {config['test_accuracy']:.4f} on {len(test_x)} images", flush=True)
     if args.out.resolve() == (ROOT / "assets" / "fashion-vit").resolve() and step == total:
         params = sum(p.numel() for p in shipped.parameters())
+        command = " ".join(["`python scripts/train_fashion_vit.py"] + sys.argv[1:]) + "`"
+        stage, commands = "Trained ", command
+        if args.init_from:  # a second stage: name the first one too
+            stage = ("Trained in two stages: `python scripts/train_fashion_vit.py` (4 epochs, lr 1e-3), then "
+                     "from its weights ")
+            commands = f"`python scripts/train_fashion_vit.py`, then {command}"
         replace_section(ROOT / "docs" / "models.md", "fashion-vit", (
             f"**fashion-vit**: timm `VisionTransformer` ({params / 1e6:.2f}M parameters: width "
             f"{FASHION_VIT_ARGS['embed_dim']}, {FASHION_VIT_ARGS['depth']} blocks, 4x4 patches of 28x28 grey "
-            f"images = 49 patch tokens + CLS). Trained {args.epochs} epochs on the 60,000 training images "
+            f"images = 49 patch tokens + CLS). {stage}{args.epochs} epochs on the 60,000 training images "
             f"(AdamW lr {args.lr}, batch {args.batch_size}, warm-up + cosine, label smoothing "
             f"{args.label_smoothing}, drop-path {args.drop_path}, shift/flip augmentation, seed {args.seed}). "
             f"Shipped fp16: `assets/fashion-vit/`.\n\n"
             f"Top-1 accuracy on the full Fashion-MNIST test set ({len(test_x)} images), measured on the "
             f"shipped weights: **{config['test_accuracy']:.4f}** (bar: 0.85).\n\n"
-            f"Command: `python scripts/train_fashion_vit.py`"))
+            f"Commands: {commands}"))
 
 
 if __name__ == "__main__":

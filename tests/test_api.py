@@ -158,6 +158,10 @@ def test_patched_context_restores_previous_state(setup):
             assert accel.describe(model)["methods"]["tome"]["settings"]["r"] == 9
         assert torch.equal(model(x), with_r2)
         assert accel.describe(model)["methods"]["tome"]["settings"]["r"] == 2
+        accel.unpatch(model)
+        with accel.patched(model, tome=4):
+            accel.unpatch(model, "tome")  # undone inside the block: nothing left to undo on exit
+        assert_untouched(model, snap, x, ref)
 
 
 def test_unpatch_errors_and_idempotence(setup):

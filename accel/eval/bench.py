@@ -9,7 +9,7 @@ import torch
 
 from .timing import time_interleaved
 
-__all__ = ["BenchRow", "top1_agreement", "logit_cosine", "compare_variants", "patched_copy"]
+__all__ = ["BenchRow", "accuracy", "top1_agreement", "logit_cosine", "compare_variants", "patched_copy"]
 
 
 @dataclass
@@ -23,6 +23,8 @@ class BenchRow:
     speedup: float
     top1_agreement: float
     logit_cosine: float
+    baseline_accuracy: Optional[float] = None
+    accuracy: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -31,6 +33,11 @@ class BenchRow:
 def top1_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
     """Fraction of rows whose argmax matches the reference's: ``[B, K]`` each."""
     return (logits.argmax(dim=-1) == reference.argmax(dim=-1)).float().mean().item()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose argmax is the label: ``logits [B, K]``, ``labels [B]``."""
+    return (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
 def logit_cosine(logits: torch.Tensor, reference: torch.Tensor) -> float:
@@ -55,9 +62,10 @@ def compare_variants(
     repeats: int = 5,
     warmup: int = 1,
     agreement_inputs: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
 ) -> List[BenchRow]:
-    """Time ``baseline`` and every variant interleaved on ``inputs``; agreement on
-    ``agreement_inputs`` (default: ``inputs``). Returns one row per variant, in order."""
+    """Time ``baseline`` and every variant interleaved on ``inputs``; agreement (and accuracy,
+    given ``labels``) on ``agreement_inputs`` (default: ``inputs``). One row per variant, in order."""
     batch = inputs.shape[0]
     calls = {"baseline": lambda: baseline(inputs)}
     calls.update({name: (lambda fn=fn: fn(inputs)) for name, fn in variants.items()})
@@ -65,6 +73,7 @@ def compare_variants(
         timings = time_interleaved(calls, repeats=repeats, warmup=warmup, items_per_call=batch)
         check = inputs if agreement_inputs is None else agreement_inputs
         reference = baseline(check)
+        base_acc = None if labels is None else accuracy(reference, labels)
         rows = []
         for name, fn in variants.items():
             logits = fn(check)
@@ -79,6 +88,8 @@ def compare_variants(
                     speedup=timings[name].speedup_over(timings["baseline"]),
                     top1_agreement=top1_agreement(logits, reference),
                     logit_cosine=logit_cosine(logits, reference),
+                    baseline_accuracy=base_acc,
+                    accuracy=None if labels is None else accuracy(logits, labels),
                 )
             )
     return rows

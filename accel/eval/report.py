@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-__all__ = ["Column", "BENCH_COLUMNS", "format_table", "replace_section"]
+__all__ = ["Column", "BENCH_COLUMNS", "ACCURACY_COLUMNS", "format_table", "replace_section"]
 
 Column = Tuple[str, str, str]  # (key in the row dict, header, format spec)
 
@@ -19,6 +19,12 @@ BENCH_COLUMNS: List[Column] = [
     ("speedup", "speedup", ".2f"),
     ("top1_agreement", "top-1 agreement", ".3f"),
     ("logit_cosine", "logit cosine", ".4f"),
+]
+
+# With labels (trained models): accuracy of the unpatched and the patched model.
+ACCURACY_COLUMNS: List[Column] = BENCH_COLUMNS + [
+    ("baseline_accuracy", "baseline accuracy", ".4f"),
+    ("accuracy", "patched accuracy", ".4f"),
 ]
 
 

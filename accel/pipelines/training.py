@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["augment", "lr_factor", "make_optimizer", "batch_indices", "step_generator", "Checkpoint",
-           "add_training_args", "train_loop"]
+           "add_training_args", "train_loop", "recorded_args"]
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
@@ -144,3 +144,16 @@ def train_loop(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor], *
     if step < total:
         print(f"stopped at step {step}/{total} (--max-steps); rerun to resume", flush=True)
     return step, total
+
+
+def recorded_args(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
+    """The options of a run as JSON values, paths relative to ``root`` where they lie under it."""
+    def plain(value: Any) -> Any:
+        if not isinstance(value, Path):
+            return value
+        try:
+            return str(value.resolve().relative_to(root.resolve()))
+        except ValueError:
+            return str(value)
+
+    return {key: plain(value) for key, value in vars(args).items()}
