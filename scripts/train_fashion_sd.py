@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accel.eval.report import replace_section  # noqa: E402
-from accel.pipelines.data import FASHION_CLASSES, load_fashion_mnist, prompt_for  # noqa: E402
+from accel.pipelines.data import FASHION_CLASSES, load_fashion_mnist  # noqa: E402
 from accel.pipelines.fashion_clip import CAPTION_TEMPLATES, MAX_TOKENS, load_fashion_clip  # noqa: E402
 from accel.pipelines.fashion_sd import (  # noqa: E402
-    assemble_pipeline, build_unet, from_vae_range, load_fashion_sd, noise_scheduler_config, to_vae_range,
+    assemble_pipeline, build_unet, generated_class_accuracy, load_fashion_sd, noise_scheduler_config, to_vae_range,
 )
-from accel.pipelines.fashion_vit import load_fashion_vit, preprocess  # noqa: E402
+from accel.pipelines.fashion_vit import load_fashion_vit  # noqa: E402
 from accel.pipelines.training import add_training_args, batch_indices, step_generator, train_loop  # noqa: E402
 
 
@@ -49,20 +49,6 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     ids = tokenizer(list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids)[0]
-
-
-@torch.inference_mode()
-def class_accuracy_of_generations(pipe, classifier, per_class: int, steps: int, guidance: float, seed: int):
-    """Generate ``per_class`` images per class at ``steps`` steps; fraction the classifier labels right."""
-    labels = torch.arange(len(FASHION_CLASSES)).repeat_interleave(per_class)
-    images = []
-    for start in range(0, len(labels), 50):
-        prompts = [prompt_for(int(c)) for c in labels[start:start + 50]]
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                   generator=torch.Generator().manual_seed(seed + start)).images
-        images.append(from_vae_range(out.mean(dim=1, keepdim=True) * 2 - 1))  # pipeline output is [0, 1]
-    predicted = classifier(preprocess(torch.cat(images))).argmax(-1)
-    return (predicted == labels).float().mean().item()
 
 
 def main() -> None:
@@ -111,7 +97,7 @@ def main() -> None:
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet.eval())
     pipe.save_pretrained(args.out)
     shipped = load_fashion_sd(args.out)
-    accuracy = class_accuracy_of_generations(shipped, load_fashion_vit(args.classifier), args.eval_per_class,
+    accuracy = generated_class_accuracy(shipped, load_fashion_vit(args.classifier), args.eval_per_class,
                                              args.eval_steps, args.guidance, args.seed)
     metrics = {"generated_class_accuracy": accuracy, "images": args.eval_per_class * len(FASHION_CLASSES),
                "inference_steps": args.eval_steps, "guidance_scale": args.guidance, "steps": step,

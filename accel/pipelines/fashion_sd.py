@@ -16,10 +16,10 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .data import ASSETS
+from .data import ASSETS, FASHION_CLASSES, prompt_for
 
 __all__ = ["IMAGE_SIZE", "PAD", "to_vae_range", "from_vae_range", "build_vae", "build_unet",
-           "noise_scheduler_config", "assemble_pipeline", "load_fashion_sd"]
+           "noise_scheduler_config", "assemble_pipeline", "load_fashion_sd", "generated_class_accuracy"]
 
 FASHION_SD_DIR = ASSETS / "fashion-sd"
 IMAGE_SIZE, PAD = 32, 2  # 28x28 padded to a size the autoencoder halves cleanly
@@ -84,3 +84,21 @@ def load_fashion_sd(folder: Optional[Path] = None):
     pipe = StableDiffusionPipeline.from_pretrained(str(folder or FASHION_SD_DIR), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@torch.inference_mode()
+def generated_class_accuracy(pipe: Any, classifier: Any, per_class: int, steps: int, guidance: float,
+                             seed: int = 0, batch: int = 50) -> float:
+    """Generate ``per_class`` images for every class prompt ("a photo of a {name}") at ``steps``
+    steps; the fraction ``classifier`` (fashion-vit) labels as the prompted class."""
+    from .fashion_vit import preprocess
+
+    labels = torch.arange(len(FASHION_CLASSES)).repeat_interleave(per_class)
+    images = []
+    for start in range(0, len(labels), batch):
+        prompts = [prompt_for(int(c)) for c in labels[start:start + batch]]
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed + start)).images  # [B, 1, 32, 32] in [0, 1]
+        images.append(from_vae_range(out * 2 - 1))
+    predicted = classifier(preprocess(torch.cat(images))).argmax(-1)
+    return (predicted == labels).float().mean().item()
