@@ -42,7 +42,7 @@ def reconstruction_psnr(vae, images: torch.Tensor, batch: int = 500) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(parser, epochs=2, batch_size=128, lr=1e-3, weight_decay=0.0, warmup_steps=50,
+    add_training_args(parser, epochs=1, batch_size=128, lr=1e-3, weight_decay=0.0, warmup_steps=50,
                       work_dir=ROOT / ".train" / "fashion-vae")
     parser.add_argument("--kl-weight", type=float, default=1e-5)
     parser.add_argument("--eval-limit", type=int, default=2000)
