@@ -222,6 +222,20 @@ def test_forward_intermediates_needs_token_layout():
     assert [t.shape[1] for t in inter] == [60, 56, 52, 48]  # 64 patches minus 4 per block
 
 
+def test_attention_masks_pass_through_at_r0_and_are_refused_when_merging():
+    model = make_vit()
+    x = images(2)
+    mask = torch.zeros(65, 65)
+    mask[:, 40:] = float("-inf")  # hide the last patches from every query
+    with torch.inference_mode():
+        ref = model(x, attn_mask=mask)
+        accel.patch(model, tome=0)
+        assert torch.equal(model(x, attn_mask=mask), ref)
+        accel.patch(model, tome=4)
+        with pytest.raises(ValueError, match="attn_mask/is_causal cannot be combined"):
+            model(x, attn_mask=mask)
+
+
 def test_training_mode_backward():
     model = make_vit(drop_path_rate=0.1).train()
     accel.patch(model, tome=6)

@@ -117,14 +117,15 @@ class ToMeTimm(MethodPatch):
         state = self.state
         if index == 0:
             state.reset()
-        if attn_mask is not None or is_causal:
-            raise ValueError("tome: attn_mask/is_causal cannot be combined with token merging; unpatch first")
         n = x.shape[1]
         r = max(0, min(self.schedule[index], (n - self.num_prefix) // 2))
         if self.config.trace_source and state.source is None:
             state.source = initial_source(x.shape[0], n, x.device, x.dtype)
         if r == 0 and (state.size is None or not self.config.prop_attn):
-            out = call_next(x)  # nothing to merge and no size bias: timm's own forward
+            # nothing to merge and no size bias: timm's own forward, masks and all
+            out = call_next(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif attn_mask is not None or is_causal:
+            raise ValueError("tome: attn_mask/is_causal cannot be combined with token merging (r > 0); unpatch first")
         else:
             out = self._merge_block(block, self.post_norm[index], x, r)
         if not torch.compiler.is_compiling():
