@@ -2,6 +2,7 @@
 
     vit = accel.pipelines.load("fashion-vit")          # timm VisionTransformer, trained
     clip, processor = accel.pipelines.load("fashion-clip")
+    pipe = accel.pipelines.load("fashion-sd")          # StableDiffusionPipeline: pipe("a photo of a bag")
     images, labels = accel.pipelines.load_test_subset()  # uint8 [N, 28, 28], int64 [N]
 """
 from __future__ import annotations
@@ -12,13 +13,14 @@ from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_
 
 __all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
 
-BUILT_IN = ("fashion-vit", "fashion-clip")
+BUILT_IN = ("fashion-vit", "fashion-clip", "fashion-sd")
 
 
 def load(name: str) -> Any:
     """A built-in trained model by name, offline.
 
-    ``"fashion-vit"`` -> timm ``VisionTransformer``; ``"fashion-clip"`` -> ``(CLIPModel, CLIPProcessor)``.
+    ``"fashion-vit"`` -> timm ``VisionTransformer``; ``"fashion-clip"`` -> ``(CLIPModel, CLIPProcessor)``;
+    ``"fashion-sd"`` -> diffusers ``StableDiffusionPipeline``.
     """
     if name == "fashion-vit":
         from .fashion_vit import load_fashion_vit
@@ -28,4 +30,8 @@ def load(name: str) -> Any:
         from .fashion_clip import load_fashion_clip
 
         return load_fashion_clip()
+    if name == "fashion-sd":
+        from .fashion_sd import load_fashion_sd
+
+        return load_fashion_sd()
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILT_IN)}")

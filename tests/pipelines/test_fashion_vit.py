@@ -48,7 +48,7 @@ def test_tome_on_the_trained_vit_keeps_most_accuracy(vit):
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="available: fashion-vit, fashion-clip"):
+    with pytest.raises(ValueError, match="available: fashion-vit, fashion-clip, fashion-sd"):
         load("fashion-gan")
 
 
