@@ -30,6 +30,7 @@ from accel.pipelines.fashion_sd import (  # noqa: E402
     assemble_pipeline, build_unet, generated_class_accuracy, load_fashion_sd, noise_scheduler_config, to_vae_range,
 )
 from accel.pipelines.fashion_vit import load_fashion_vit  # noqa: E402
+from accel.pipelines.tokenizer import write_vocab_files  # noqa: E402
 from accel.pipelines.training import add_training_args, batch_indices, step_generator, train_loop  # noqa: E402
 
 
@@ -96,6 +97,7 @@ def main() -> None:
     step, total = train_loop(unet, loss_at, num_items=len(train_x), args=args)
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet.eval())
     pipe.save_pretrained(args.out)
+    write_vocab_files(tokenizer, args.out / "tokenizer")
     shipped = load_fashion_sd(args.out)
     accuracy = generated_class_accuracy(shipped, load_fashion_vit(args.classifier), args.eval_per_class,
                                              args.eval_steps, args.guidance, args.seed)
