@@ -82,11 +82,11 @@ class Checkpoint:
         print(f"resumed from {self.path} at step {state['step']}", flush=True)
         return int(state["step"])
 
-    def save(self, step: int, extra: Optional[Dict[str, Any]] = None) -> None:
+    def save(self, step: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "step": step, **(extra or {})}, tmp)
+                    "scheduler": self.scheduler.state_dict(), "step": step}, tmp)
         tmp.replace(self.path)
 
 

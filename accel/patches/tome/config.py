@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 __all__ = ["ToMe"]
 
@@ -111,6 +111,3 @@ class ToMe:
         hi, lo = self.r * (1.0 + self.inflect), self.r * (1.0 - self.inflect)
         step = (lo - hi) / (num_blocks - 1)
         return [max(0, int(round(hi + step * i))) for i in range(num_blocks)]
-
-    def is_identity(self, schedule: Sequence[int]) -> bool:
-        return not any(schedule)
