@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 __all__ = ["main"]
 
 BUILT_IN_VIT = "fashion-vit"
-DEFAULT_MODEL = BUILT_IN_VIT
+BUILT_IN_DIFFUSION = ("fashion-sd", "fashion-dit")
+DEFAULT_MODEL = "built-in"  # all of the above, one table each
 DEFAULT_R_BUILT_IN = [1, 2, 3]  # 50 tokens, 12 blocks
 DEFAULT_R_TIMM = [8, 16]  # 197 tokens, 12 blocks
 
@@ -48,7 +50,64 @@ def _bench_inputs(args: argparse.Namespace):
             f"checkpoint; speed is real, agreement is measured on random weights)")
 
 
+def diffusion_variants(name: str) -> Dict[str, Dict[str, Any]]:
+    """The settings ``accel bench`` compares on a built-in diffusion pipeline: {label: patch keywords}."""
+    from . import ToMe
+
+    if name == "fashion-sd":
+        return {}
+    return {}
+
+
+def _bench_diffusion(name: str, args: argparse.Namespace) -> None:
+    import torch
+
+    from .eval.clip_score import ClipScorer
+    from .eval.diffusion import DIFFUSION_COLUMNS, bench_diffusion, image_grid
+    from .eval.fid import InceptionFeatures
+    from .eval.report import format_table
+    from .pipelines import FASHION_CLASSES, load, load_test_subset, prompt_for
+    from .pipelines.fashion_sd import generate
+    from .pipelines.fashion_vit import preprocess
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars would interleave with the table
+    transformers_logging.disable_progress_bar()
+    pipe = load(name)
+    vit = load(BUILT_IN_VIT)
+    real, _ = load_test_subset()
+    real = real[: args.fid_real]
+    n = args.per_class * len(FASHION_CLASSES)
+    print(f"model: {name} (built-in diffusers pipeline trained on Fashion-MNIST), {args.steps} steps, guidance "
+          f"{args.guidance}; speed: one image of each class per call, {args.diffusion_repeats} interleaved rounds, "
+          f"medians; quality on {n} images with fixed seeds: PSNR against the unpatched image, FID against "
+          f"{len(real)} test images (Inception-v3 features), CLIP score (fashion-clip), class accuracy (fashion-vit)")
+    rows, images = bench_diffusion(
+        pipe, diffusion_variants(name), model_name=name, num_classes=len(FASHION_CLASSES), steps=args.steps,
+        per_class=args.per_class, repeats=args.diffusion_repeats, real_images=real, prompts=prompt_for,
+        generate=lambda p, labels, steps: generate(p, labels, steps, args.guidance, seed=args.seed),
+        classifier=lambda x: vit(preprocess(x)), fid_features=InceptionFeatures(), clip_scorer=ClipScorer(),
+    )
+    print(format_table([row.as_dict() for row in rows], DIFFUSION_COLUMNS, style="text"))
+    grid = image_grid(images, Path(args.out) / f"{name}-grid.png", columns=range(0, n, args.per_class))
+    print(f"image grid (one row per setting, one column per class): {grid}\n")
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.model == DEFAULT_MODEL:
+        _bench_vit(argparse.Namespace(**{**vars(args), "model": BUILT_IN_VIT}))
+        for name in BUILT_IN_DIFFUSION:
+            _bench_diffusion(name, args)
+    elif args.model in BUILT_IN_DIFFUSION:
+        _bench_diffusion(args.model, args)
+    else:
+        _bench_vit(args)
+    return 0
+
+
+def _bench_vit(args: argparse.Namespace) -> None:
     import torch
 
     from . import ToMe
@@ -64,8 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
     rows = compare_variants(model, variants, inputs, model_name=args.model, method="tome",
                             repeats=args.repeats, agreement_inputs=check, labels=labels)
     columns = BENCH_COLUMNS if labels is None else ACCURACY_COLUMNS
-    print(format_table([row.as_dict() for row in rows], columns, style="text"))
-    return 0
+    print(format_table([row.as_dict() for row in rows], columns, style="text") + "\n")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -90,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="speed and agreement of each method against the unpatched model")
     bench.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"{BUILT_IN_VIT} (built-in, trained; the default) or a timm model name (random weights)")
+                       help=f"{DEFAULT_MODEL} (the default: {BUILT_IN_VIT}, {', '.join(BUILT_IN_DIFFUSION)}, trained "
+                            f"and shipped), one of those, or a timm model name (random weights)")
     bench.add_argument("--batch", type=int, default=64, help="images per timed call (default 64)")
     bench.add_argument("--r", type=_int_list, default=None,
                        help=f"ToMe r values, comma-separated (default {','.join(map(str, DEFAULT_R_BUILT_IN))} for "
@@ -98,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--eval-images", type=int, default=2000, help="test-subset images for accuracy (built-in)")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (default 5)")
     bench.add_argument("--seed", type=int, default=0)
+    diffusion = bench.add_argument_group("diffusion pipelines")
+    diffusion.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    diffusion.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    diffusion.add_argument("--per-class", type=int, default=10, help="images per class for quality (default 10)")
+    diffusion.add_argument("--fid-real", type=int, default=500, help="real test images for FID (default 500)")
+    diffusion.add_argument("--diffusion-repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
+    diffusion.add_argument("--out", default="accel-bench", help="folder for the image grids (default accel-bench/)")
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="versions and available methods")
     info.set_defaults(func=_info)
@@ -106,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch", 1) < 1 or getattr(args, "repeats", 1) < 1:
-        print("accel: --batch and --repeats must be >= 1", file=sys.stderr)
-        return 2
+    for option in ("batch", "repeats", "steps", "per_class", "fid_real", "diffusion_repeats"):
+        if getattr(args, option, 1) < 1:
+            print(f"accel: --{option.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

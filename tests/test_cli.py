@@ -36,3 +36,18 @@ def test_default_bench_runs_on_the_built_in_trained_vit(capsys):
     assert "baseline accuracy" in header and "patched accuracy" in header
     assert r0[3] == "r=0" and r0[-2] == r0[-1]  # r=0: the unpatched model's accuracy exactly
     assert float(r0[-2]) >= 0.85 and float(r2[-1]) >= 0.8
+
+
+def test_bench_on_a_built_in_diffusion_pipeline_reports_quality_and_writes_a_grid(capsys, tmp_path):
+    from PIL import Image
+
+    assert main(["bench", "--model", "fashion-sd", "--steps", "2", "--per-class", "1", "--fid-real", "10",
+                 "--diffusion-repeats", "1", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model") and "FID" in line)
+    rows = [line.split() for line in lines[header + 2:] if line.startswith("fashion-sd")]
+    assert rows[0][:3] == ["fashion-sd", "-", "unpatched"] and rows[0][5] == "1.00"
+    fid, clip, accuracy = map(float, rows[0][-3:])
+    assert fid > 0 and clip > 0 and 0 <= accuracy <= 1
+    grid = Image.open(tmp_path / "fashion-sd-grid.png")
+    assert grid.size == (10 * 28 * 2, len(rows) * 28 * 2)

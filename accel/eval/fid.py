@@ -77,12 +77,14 @@ class InceptionFeatures(torch.nn.Module):
         return feats.flatten(2).mean(-1) if feats.ndim > 2 else feats
 
 
-def make_fid(features: Optional[InceptionFeatures] = None):
+def make_fid(features: Optional[InceptionFeatures] = None, reset_real_features: bool = True):
     """A torchmetrics ``FrechetInceptionDistance`` on the standard features; ``update`` takes uint8
-    images ``[N, 1 or 3, H, W]`` of any size."""
+    images ``[N, 1 or 3, H, W]`` of any size. ``reset_real_features=False`` keeps the real
+    statistics across ``reset()`` (compare several generated sets with one real set)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=features or InceptionFeatures(), normalize=False)
+    return FrechetInceptionDistance(feature=features or InceptionFeatures(), normalize=False,
+                                    reset_real_features=reset_real_features)
 
 
 def frechet_inception_distance(real: torch.Tensor, fake: torch.Tensor, batch: int = 100,

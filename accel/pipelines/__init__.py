@@ -3,6 +3,7 @@
     vit = accel.pipelines.load("fashion-vit")          # timm VisionTransformer, trained
     clip, processor = accel.pipelines.load("fashion-clip")
     pipe = accel.pipelines.load("fashion-sd")          # StableDiffusionPipeline: pipe("a photo of a bag")
+    dit = accel.pipelines.load("fashion-dit")          # DiTPipeline: dit(class_labels=[8])
     images, labels = accel.pipelines.load_test_subset()  # uint8 [N, 28, 28], int64 [N]
 """
 from __future__ import annotations
@@ -13,14 +14,14 @@ from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_
 
 __all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
 
-BUILT_IN = ("fashion-vit", "fashion-clip", "fashion-sd")
+BUILT_IN = ("fashion-vit", "fashion-clip", "fashion-sd", "fashion-dit")
 
 
 def load(name: str) -> Any:
     """A built-in trained model by name, offline.
 
     ``"fashion-vit"`` -> timm ``VisionTransformer``; ``"fashion-clip"`` -> ``(CLIPModel, CLIPProcessor)``;
-    ``"fashion-sd"`` -> diffusers ``StableDiffusionPipeline``.
+    ``"fashion-sd"`` -> diffusers ``StableDiffusionPipeline``; ``"fashion-dit"`` -> diffusers ``DiTPipeline``.
     """
     if name == "fashion-vit":
         from .fashion_vit import load_fashion_vit
@@ -34,4 +35,8 @@ def load(name: str) -> Any:
         from .fashion_sd import load_fashion_sd
 
         return load_fashion_sd()
+    if name == "fashion-dit":
+        from .fashion_dit import load_fashion_dit
+
+        return load_fashion_dit()
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILT_IN)}")

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from .data import ASSETS, FASHION_CLASSES, prompt_for
 
 __all__ = ["IMAGE_SIZE", "PAD", "to_vae_range", "from_vae_range", "build_vae", "build_unet",
-           "noise_scheduler_config", "assemble_pipeline", "load_fashion_sd", "generated_class_accuracy"]
+           "noise_scheduler_config", "assemble_pipeline", "load_fashion_sd", "generate",
+           "generated_class_accuracy"]
 
 FASHION_SD_DIR = ASSETS / "fashion-sd"
 IMAGE_SIZE, PAD = 32, 2  # 28x28 padded to a size the autoencoder halves cleanly
@@ -87,18 +88,35 @@ def load_fashion_sd(folder: Optional[Path] = None):
 
 
 @torch.inference_mode()
+def generate(pipe: Any, labels: torch.Tensor, steps: int, guidance: float, seed: int = 0,
+             batch: int = 50) -> torch.Tensor:
+    """Images of the classes ``labels`` from a built-in pipeline, uint8 ``[N, 28, 28]``.
+
+    A ``StableDiffusionPipeline`` gets the prompts "a photo of a {name}", a ``DiTPipeline`` the
+    class ids; batch ``i`` is drawn with generator seed ``seed + i * batch``.
+    """
+    images = []
+    for start in range(0, len(labels), batch):
+        chunk = [int(c) for c in labels[start:start + batch]]
+        generator = torch.Generator().manual_seed(seed + start)
+        if hasattr(pipe, "get_label_ids"):  # DiTPipeline: class-conditional
+            out = pipe(class_labels=chunk, num_inference_steps=steps, guidance_scale=guidance,
+                       output_type="pt", generator=generator).images
+        else:
+            out = pipe([prompt_for(c) for c in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                       output_type="pt", generator=generator).images
+        images.append(from_vae_range(out * 2 - 1))  # out: [B, 1, 32, 32] in [0, 1]
+    return torch.cat(images)
+
+
+@torch.inference_mode()
 def generated_class_accuracy(pipe: Any, classifier: Any, per_class: int, steps: int, guidance: float,
                              seed: int = 0, batch: int = 50) -> float:
-    """Generate ``per_class`` images for every class prompt ("a photo of a {name}") at ``steps``
-    steps; the fraction ``classifier`` (fashion-vit) labels as the prompted class."""
+    """Generate ``per_class`` images of every class at ``steps`` steps; the fraction
+    ``classifier`` (fashion-vit) labels as the requested class."""
     from .fashion_vit import preprocess
 
     labels = torch.arange(len(FASHION_CLASSES)).repeat_interleave(per_class)
-    images = []
-    for start in range(0, len(labels), batch):
-        prompts = [prompt_for(int(c)) for c in labels[start:start + batch]]
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                   generator=torch.Generator().manual_seed(seed + start)).images  # [B, 1, 32, 32] in [0, 1]
-        images.append(from_vae_range(out * 2 - 1))
-    predicted = classifier(preprocess(torch.cat(images))).argmax(-1)
+    images = generate(pipe, labels, steps, guidance, seed, batch)
+    predicted = classifier(preprocess(images)).argmax(-1)
     return (predicted == labels).float().mean().item()

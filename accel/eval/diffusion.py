@@ -1,0 +1,127 @@
+"""Speed and quality of patched diffusion pipelines against the unpatched one, side by side.
+
+Speed: seconds per image of the same generation call (one image of every class), baseline and
+variants interleaved, medians. Quality on a fixed set (``per_class`` images of every class, the
+same seeds for every variant): PSNR of each image against the unpatched pipeline's image, FID
+against real test images, CLIP score against the prompts, and the fraction a classifier labels
+as the requested class.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .timing import time_interleaved
+
+__all__ = ["psnr", "DiffusionRow", "DIFFUSION_COLUMNS", "bench_diffusion", "image_grid"]
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over images of the PSNR (dB, peak 255) of uint8 ``images`` against ``reference``
+    (same shape ``[N, ...]``); identical images count as 100 dB so the mean stays finite."""
+    diff = images.float().flatten(1) - reference.float().flatten(1)
+    mse = diff.pow(2).mean(dim=1)
+    values = torch.where(mse == 0, torch.full_like(mse, 100.0), 10 * torch.log10(255.0 ** 2 / mse.clamp(min=1e-10)))
+    return values.mean().item()
+
+
+@dataclass
+class DiffusionRow:
+    model: str
+    method: str
+    settings: str
+    steps: int
+    s_per_image: float
+    speedup: float
+    psnr: Optional[float]
+    fid: Optional[float]
+    clip_score: Optional[float]
+    class_accuracy: Optional[float]
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+DIFFUSION_COLUMNS = [
+    ("model", "model", ""),
+    ("method", "method", ""),
+    ("settings", "settings", ""),
+    ("steps", "steps", ""),
+    ("s_per_image", "s/image", ".3f"),
+    ("speedup", "speedup", ".2f"),
+    ("psnr", "PSNR vs unpatched (dB)", ".1f"),
+    ("fid", "FID", ".1f"),
+    ("clip_score", "CLIP score", ".2f"),
+    ("class_accuracy", "class accuracy", ".3f"),
+]
+
+
+def bench_diffusion(
+    pipe: Any,
+    variants: Dict[str, Dict[str, Any]],
+    *,
+    model_name: str,
+    generate: Callable[[Any, torch.Tensor, int], torch.Tensor],
+    num_classes: int,
+    steps: int,
+    per_class: int,
+    repeats: int = 3,
+    real_images: Optional[torch.Tensor] = None,
+    prompts: Optional[Callable[[int], str]] = None,
+    classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    fid_features: Any = None,
+    clip_scorer: Any = None,
+) -> tuple:
+    """Rows for the unpatched pipeline and each variant ``{label: accel.patch keywords}``, and
+    the images of each (``{label: uint8 [per_class * num_classes, H, W]}``).
+
+    ``generate(pipe, labels, steps)`` returns uint8 images of the classes ``labels`` with fixed seeds.
+    Quality columns are skipped (None) when their model is not given.
+    """
+    from .. import api
+    from .fid import frechet_inception_distance
+
+    pipes = {"unpatched": pipe}
+    for label, methods in variants.items():
+        pipes[label] = api.patch(copy.deepcopy(pipe), **methods)
+    one_each = torch.arange(num_classes)
+    calls = {label: (lambda p=p: generate(p, one_each, steps)) for label, p in pipes.items()}
+    timings = time_interleaved(calls, repeats=repeats, warmup=1, items_per_call=num_classes)
+
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = {label: generate(p, labels, steps) for label, p in pipes.items()}
+    reference = images["unpatched"]
+    rows = []
+    for label in pipes:
+        out = images[label]
+        method = "-" if label == "unpatched" else "+".join(variants[label])
+        rows.append(DiffusionRow(
+            model=model_name, method=method, settings=label, steps=steps,
+            s_per_image=timings[label].median_s / num_classes,
+            speedup=timings[label].speedup_over(timings["unpatched"]),
+            psnr=None if label == "unpatched" else psnr(out, reference),
+            fid=None if real_images is None else frechet_inception_distance(real_images, out, features=fid_features),
+            clip_score=None if clip_scorer is None or prompts is None
+            else clip_scorer.score(out, [prompts(int(c)) for c in labels]),
+            class_accuracy=None if classifier is None
+            else (classifier(out).argmax(-1) == labels).float().mean().item(),
+        ))
+    return rows, images
+
+
+def image_grid(images: Dict[str, torch.Tensor], path: Path, columns: Sequence[int], scale: int = 2) -> Path:
+    """A PNG with one row per variant (in order) of the images at indices ``columns``; uint8 ``[N, H, W]``."""
+    from PIL import Image
+
+    rows = [torch.cat([images[label][i] for i in columns], dim=1) for label in images]
+    grid = torch.cat(rows, dim=0)
+    picture = Image.fromarray(grid.numpy(), mode="L")
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path
