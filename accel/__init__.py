@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys as _sys
 
 from .api import available_methods, describe, patch, patched, unpatch
-from .patches import tome
+from .patches import deepcache, tome
+from .patches.deepcache import DeepCache
 from .patches.tome import ToMe
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 # ``from accel.tome import ...`` works like ``accel.tome.<name>``: each method's package is
 # reachable from the top (DESIGN.md, section 1).
 _sys.modules[__name__ + ".tome"] = tome
+_sys.modules[__name__ + ".deepcache"] = deepcache
 
 __all__ = [
     "patch",
@@ -30,5 +32,7 @@ __all__ = [
     "available_methods",
     "ToMe",
     "tome",
+    "DeepCache",
+    "deepcache",
     "__version__",
 ]

@@ -6,12 +6,16 @@ in the order applied); the attribute is removed with the last patch.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .families import family, is_compiled_module, is_timm_vit
 from .patches.base import MethodPatch
+from .patches.deepcache import DeepCache
+from .patches.deepcache import unet as deepcache_unet
 from .patches.tome import ToMe
+from .patches.tome import diffusers as tome_diffusers
 
 __all__ = ["patch", "unpatch", "patched", "describe", "get_patch", "available_methods"]
 
@@ -45,8 +49,24 @@ def _tome_timm_supports() -> str:
     return SUPPORTED
 
 
+def _lazy(module: str, attr: str) -> Callable[..., Any]:
+    """A function of an adapter module imported on first use (adapters import their framework)."""
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module, __package__), attr)(*args)
+
+    return call
+
+
 _METHODS: Dict[str, Method] = {
-    "tome": Method(ToMe.coerce, (Adapter(is_timm_vit, _tome_timm, _tome_timm_supports()),)),
+    "tome": Method(ToMe.coerce, (
+        Adapter(is_timm_vit, _tome_timm, _tome_timm_supports()),
+        Adapter(_lazy(".patches.tome.diffusers", "matches"), _lazy(".patches.tome.diffusers", "ToMeDiffusers"),
+                tome_diffusers.SUPPORTED),
+    )),
+    "deepcache": Method(DeepCache.coerce, (
+        Adapter(_lazy(".patches.deepcache.unet", "matches"), _lazy(".patches.deepcache.unet", "DeepCacheUNet"),
+                deepcache_unet.SUPPORTED),
+    )),
 }
 
 

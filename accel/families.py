@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["qualified_name", "is_timm_vit", "is_compiled_module", "family"]
+__all__ = ["qualified_name", "is_loaded_instance", "is_timm_vit", "is_compiled_module", "is_diffusers_pipeline",
+           "family"]
 
 
 def qualified_name(obj: Any) -> str:
@@ -19,6 +20,17 @@ def qualified_name(obj: Any) -> str:
 def _loaded_class(module_name: str, class_name: str) -> Any:
     module = sys.modules.get(module_name)
     return getattr(module, class_name, None) if module is not None else None
+
+
+def is_loaded_instance(obj: Any, module_name: str, class_name: str) -> bool:
+    """``isinstance(obj, module_name.class_name)`` if that module is already imported, else False."""
+    cls = _loaded_class(module_name, class_name)
+    return cls is not None and isinstance(obj, cls)
+
+
+def is_diffusers_pipeline(obj: Any) -> bool:
+    """Any diffusers ``DiffusionPipeline`` (text-to-image, img2img, inpaint, ControlNet, DiT, PixArt ...)."""
+    return is_loaded_instance(obj, "diffusers.pipelines.pipeline_utils", "DiffusionPipeline")
 
 
 def is_timm_vit(obj: Any) -> bool:

@@ -47,7 +47,7 @@ def setup():
         (dict(tome=0.5), ValueError, "need r"),
         (dict(tome=dict(r=4, inflect=2.0)), ValueError, r"inflect must be in \[-1, 1\]"),
         (dict(tome=dict(r=4, prop_attn="yes")), TypeError, "prop_attn must be a bool"),
-        (dict(tomee=4), ValueError, "unknown method 'tomee'; available: tome"),
+        (dict(tomee=4), ValueError, "unknown method 'tomee'; available: deepcache, tome"),
         (dict(), ValueError, "name at least one method"),
     ],
 )
@@ -169,7 +169,9 @@ def test_unpatch_errors_and_idempotence(setup):
     assert accel.unpatch(model) is model  # nothing patched: nothing to do
     with pytest.raises(ValueError, match="tome is not patched"):
         accel.unpatch(model, "tome")
-    with pytest.raises(ValueError, match="unknown method 'deepcache'"):
+    with pytest.raises(ValueError, match="unknown method 'tomme'"):
+        accel.unpatch(model, "tomme")
+    with pytest.raises(ValueError, match="deepcache is not patched"):
         accel.unpatch(model, "deepcache")
     assert_untouched(model, snap, x, ref)
 
@@ -178,7 +180,9 @@ def test_describe_reports_settings_modules_and_last_call(vit):
     assert accel.describe(vit) == {"object": "timm.VisionTransformer", "methods": {}}
     accel.patch(vit, tome=accel.ToMe(r=4))
     info = accel.describe(vit)["methods"]["tome"]
-    assert info["settings"] == {"r": 4, "ratio": None, "inflect": 0.0, "prop_attn": True, "trace_source": False}
+    assert {k: info["settings"][k] for k in ("r", "ratio", "inflect", "prop_attn", "trace_source")} == \
+        {"r": 4, "ratio": None, "inflect": 0.0, "prop_attn": True, "trace_source": False}
+    assert info["settings"]["mode"] == "merge"  # the diffusion settings are there at their defaults
     assert info["patched"]["count"] == 5  # 4 blocks + size-weighted pooling
     assert info["patched"]["modules"]["blocks.0"] == "merge r=4"
     assert info["last_call"] is None  # not called yet

@@ -9,7 +9,7 @@ def bench_table(capsys, *args):
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["model", "batch"])
-    return out, lines[header], [line.split() for line in lines[header + 2:]]
+    return out, lines[header], [line.split() for line in lines[header + 2:] if line.strip()]
 
 
 def test_bench_prints_a_table_for_each_setting(capsys):

@@ -1,4 +1,5 @@
-"""Token Merging: the matching algorithm (``merge``), its settings and per-framework adapters.
+"""Token Merging: the matching algorithms (``merge`` for ViTs, ``merge2d`` for diffusion latents), its
+settings and per-framework adapters (``timm``, ``diffusers``).
 
 Reachable as ``accel.tome``: ``accel.tome.get_source(model)`` returns what each output token
 stands for after a call with ``ToMe(trace_source=True)``.
@@ -11,6 +12,7 @@ import torch
 
 from .config import ToMe
 from .merge import BipartiteMatch, bipartite_soft_matching, merge_source, merge_weighted
+from .merge2d import GridMatch, bipartite_soft_matching_random2d, downsample_tokens
 
 __all__ = [
     "ToMe",
@@ -18,6 +20,9 @@ __all__ = [
     "bipartite_soft_matching",
     "merge_weighted",
     "merge_source",
+    "GridMatch",
+    "bipartite_soft_matching_random2d",
+    "downsample_tokens",
     "get_source",
     "patch_groups",
 ]
