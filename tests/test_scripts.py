@@ -17,3 +17,14 @@ def test_bench_vit_writes_json_and_markdown(tmp_path):
     assert data["rows"][0]["top1_agreement"] == 1.0  # r=0 is the unpatched model
     md = (tmp_path / "benchmarks.md").read_text()
     assert "<!-- bench_vit:start -->" in md and "| vit_tiny_patch16_224 | 2 | tome | r=4 |" in md
+
+
+def test_bench_diffusion_runs_every_variant_and_writes_markdown(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_diffusion.py"), "--config", "tiny", "--steps", "3",
+           "--repeats", "1", "--repeats-large", "1", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    rows = json.loads((tmp_path / "bench_diffusion.json").read_text())["rows"]
+    ours = [row for row in rows if row["method"].startswith("accel")]
+    assert {row["settings"] for row in ours} >= {"tome 0.5", "deepcache 3", "tome 0.5 + deepcache 3"}
+    assert all(row["speedup"] > 0 and row["psnr"] > 20 for row in ours)  # close to the unpatched latents
+    assert "<!-- bench_diffusion:start -->" in (tmp_path / "benchmarks.md").read_text()

@@ -1,0 +1,57 @@
+"""ToMe and DeepCache together on one pipeline (the trained fashion-sd): identity settings equal
+the unpatched pipeline, the pair does what each does, and unpatch is bit-exact."""
+import pytest
+import torch
+
+import accel
+from accel.api import get_patch
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    import accel.pipelines
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield accel.pipelines.load("fashion-sd")
+    torch.set_num_threads(threads)
+
+
+def run(pipe, steps=6):
+    with torch.inference_mode():
+        return pipe(["a photo of a bag", "a photo of a sneaker"], num_inference_steps=steps, guidance_scale=3.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_tome_and_deepcache_compose_and_unpatch_exactly(pipe):
+    reference = run(pipe)
+    accel.patch(pipe, tome=0.0, deepcache=1)  # identity settings of both
+    assert torch.equal(run(pipe), reference)
+
+    accel.patch(pipe, deepcache=3)
+    cached = run(pipe)
+    accel.unpatch(pipe, "deepcache")
+    accel.patch(pipe, tome=0.5)
+    merged = run(pipe)
+    accel.patch(pipe, deepcache=3)  # now both
+    both = run(pipe)
+    info = accel.describe(pipe)["methods"]
+    assert set(info) == {"tome", "deepcache"}
+    assert info["deepcache"]["last_call"]["full_steps"] == [0, 3]
+    assert info["tome"]["last_call"] is not None
+    for single in (cached, merged):
+        assert not torch.equal(both, single)
+    assert torch.nn.functional.cosine_similarity(both.flatten(), reference.flatten(), dim=0) > 0.95
+
+    accel.unpatch(pipe)
+    assert get_patch(pipe, "tome") is None and get_patch(pipe, "deepcache") is None
+    assert torch.equal(run(pipe), reference)
+    assert not any(hasattr(m, "_accel_hooks") for m in pipe.unet.modules())
+
+
+def test_a_bad_second_method_leaves_the_pipeline_untouched(pipe):
+    cls = type(pipe)
+    with pytest.raises(ValueError, match="branch"):
+        accel.patch(pipe, tome=0.5, deepcache=accel.DeepCache(branch=99))
+    assert type(pipe) is cls and get_patch(pipe, "tome") is None
+    assert not any(hasattr(m, "_accel_hooks") for m in pipe.unet.modules())
