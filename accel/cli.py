@@ -55,8 +55,9 @@ def diffusion_variants(name: str) -> Dict[str, Dict[str, Any]]:
     from . import ToMe
 
     if name == "fashion-sd":
-        return {}
-    return {}
+        return {"tome 0.5": {"tome": 0.5}, "deepcache 3": {"deepcache": 3}, "deepcache 5": {"deepcache": 5},
+                "tome 0.5 + deepcache 3": {"tome": 0.5, "deepcache": 3}}
+    return {"tome 0.5": {"tome": 0.5}, "tome downsample 2x (ToDo)": {"tome": ToMe(mode="downsample")}}
 
 
 def _bench_diffusion(name: str, args: argparse.Namespace) -> None:

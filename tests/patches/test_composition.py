@@ -55,3 +55,31 @@ def test_a_bad_second_method_leaves_the_pipeline_untouched(pipe):
         accel.patch(pipe, tome=0.5, deepcache=accel.DeepCache(branch=99))
     assert type(pipe) is cls and get_patch(pipe, "tome") is None
     assert not any(hasattr(m, "_accel_hooks") for m in pipe.unet.modules())
+
+
+def add_lora(unet, seed=1):
+    """A LoRA adapter on every attention projection, with non-zero seeded weights (peft)."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="test")
+
+
+def test_lora_loaded_before_or_after_patching_gives_the_same_images(pipe):
+    import copy
+
+    before, after = copy.deepcopy(pipe), copy.deepcopy(pipe)
+    plain = run(before)
+    add_lora(before.unet)
+    with_lora = run(before)
+    assert not torch.allclose(with_lora, plain, atol=1e-4)  # the adapter changes the images
+    accel.patch(before, tome=0.5, deepcache=3)
+    accel.patch(after, tome=0.5, deepcache=3)
+    patched_plain = run(after)
+    add_lora(after.unet)
+    patched_lora = run(after)
+    assert not torch.allclose(patched_lora, patched_plain, atol=1e-4)  # the patched path runs the adapter
+    assert torch.equal(run(before), patched_lora)
+    accel.unpatch(after)
+    assert torch.equal(run(after), with_lora)  # unpatched, the LoRA model as it was
