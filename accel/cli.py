@@ -60,7 +60,7 @@ def diffusion_variants(name: str) -> Dict[str, Dict[str, Any]]:
     return {"tome 0.5": {"tome": 0.5}, "tome downsample 2x (ToDo)": {"tome": ToMe(mode="downsample")}}
 
 
-def _bench_diffusion(name: str, args: argparse.Namespace) -> None:
+def _bench_diffusion(name: str, args: argparse.Namespace) -> str:
     import torch
 
     from .eval.clip_score import ClipScorer
@@ -94,21 +94,34 @@ def _bench_diffusion(name: str, args: argparse.Namespace) -> None:
     print(format_table([row.as_dict() for row in rows], DIFFUSION_COLUMNS, style="text"))
     grid = image_grid(images, Path(args.out) / f"{name}-grid.png", columns=range(0, n, args.per_class))
     print(f"image grid (one row per setting, one column per class): {grid}\n")
+    return format_table([row.as_dict() for row in rows], DIFFUSION_COLUMNS)
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.model == DEFAULT_MODEL:
-        _bench_vit(argparse.Namespace(**{**vars(args), "model": BUILT_IN_VIT}))
-        for name in BUILT_IN_DIFFUSION:
-            _bench_diffusion(name, args)
+        tables = [_bench_vit(argparse.Namespace(**{**vars(args), "model": BUILT_IN_VIT}))]
+        tables += [_bench_diffusion(name, args) for name in BUILT_IN_DIFFUSION]
     elif args.model in BUILT_IN_DIFFUSION:
-        _bench_diffusion(args.model, args)
+        tables = [_bench_diffusion(args.model, args)]
     else:
-        _bench_vit(args)
+        tables = [_bench_vit(args)]
+    if args.report:
+        import datetime
+
+        import torch
+
+        from .eval.report import replace_section
+
+        argv = [a for a in args.argv[1:] if not a.startswith("--report") and a != args.report]
+        command = " ".join(["accel bench"] + argv)
+        replace_section(Path(args.report), "accel_bench", (
+            f"Measured {datetime.date.today().isoformat()} on {platform.machine()} CPU, {torch.get_num_threads()} "
+            f"threads, torch {torch.__version__}. Command: `{command}`\n\n" + "\n\n".join(tables)))
+        print(f"wrote the tables to {args.report}")
     return 0
 
 
-def _bench_vit(args: argparse.Namespace) -> None:
+def _bench_vit(args: argparse.Namespace) -> str:
     import torch
 
     from . import ToMe
@@ -125,6 +138,7 @@ def _bench_vit(args: argparse.Namespace) -> None:
                             repeats=args.repeats, agreement_inputs=check, labels=labels)
     columns = BENCH_COLUMNS if labels is None else ACCURACY_COLUMNS
     print(format_table([row.as_dict() for row in rows], columns, style="text") + "\n")
+    return format_table([row.as_dict() for row in rows], columns)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -158,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--eval-images", type=int, default=2000, help="test-subset images for accuracy (built-in)")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (default 5)")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--report", default=None, help="also write the tables (Markdown) into this file's "
+                                                      "accel_bench section, e.g. docs/benchmarks.md")
     diffusion = bench.add_argument_group("diffusion pipelines")
     diffusion.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     diffusion.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
@@ -172,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     for option in ("batch", "repeats", "steps", "per_class", "fid_real", "diffusion_repeats"):
         if getattr(args, option, 1) < 1:
             print(f"accel: --{option.replace('_', '-')} must be >= 1", file=sys.stderr)
