@@ -37,7 +37,7 @@ from accel.pipelines.training import add_training_args, batch_indices, step_gene
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(parser, epochs=3, batch_size=128, lr=6e-4, weight_decay=0.0, warmup_steps=200,
+    add_training_args(parser, epochs=4, batch_size=128, lr=6e-4, weight_decay=0.0, warmup_steps=200,
                       work_dir=ROOT / ".train" / "fashion-dit")
     parser.add_argument("--uncond-prob", type=float, default=0.1)
     parser.add_argument("--vae", type=Path, default=ROOT / "assets" / "fashion-sd" / "vae")
