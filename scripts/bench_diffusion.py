@@ -35,8 +35,8 @@ from accel.eval.report import format_table, replace_section  # noqa: E402
 from accel.eval.timing import time_interleaved  # noqa: E402
 
 # runwayml/stable-diffusion-v1-5's unet/config.json (the fields that differ from diffusers' defaults)
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 TINY_UNET = dict(sample_size=16, cross_attention_dim=32, attention_head_dim=2, block_out_channels=(32, 64),
                  layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -51,13 +51,12 @@ def ours(label: str, **methods: Any) -> Variant:
             lambda pipe: accel.unpatch(pipe))
 
 
-def tomesd_variant(ratio: float) -> Optional[Variant]:
+def tomesd_variant(label: str, **settings: Any) -> Optional[Variant]:
     try:
         import tomesd
     except ImportError:
         return None
-    return (f"tomesd ratio={ratio}", "tomesd", lambda pipe: tomesd.apply_patch(pipe, ratio=ratio),
-            lambda pipe: tomesd.remove_patch(pipe))
+    return (label, "tomesd", lambda pipe: tomesd.apply_patch(pipe, **settings), lambda pipe: tomesd.remove_patch(pipe))
 
 
 def deepcache_variant(interval: int) -> Optional[Variant]:
@@ -72,7 +71,8 @@ def deepcache_variant(interval: int) -> Optional[Variant]:
         helper.set_params(cache_interval=interval, cache_branch_id=0)
         helper.enable()
 
-    return (f"DeepCache interval={interval}", "DeepCache (reference)", enable, lambda pipe: helpers.pop(id(pipe)).disable())
+    return (f"DeepCache interval={interval}", "DeepCache (reference)", enable,
+            lambda pipe: helpers.pop(id(pipe)).disable())
 
 
 def build_pipeline(unet_config: Dict[str, Any], seed: int):
@@ -121,18 +121,18 @@ def run_variants(name: str, pipe: Any, variants: List[Variant], call: Callable[[
 
     calls = {"unpatched": call}
     failures: Dict[str, str] = {}
-    for label, _, enable, disable in variants:
-        try:  # a reference package that fails on current diffusers is reported, not fatal
-            switched(enable, disable)()
-            calls[label] = switched(enable, disable)
-        except Exception as error:  # noqa: BLE001
-            failures[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-            print(f"  {label} failed: {failures[label]}", flush=True)
-    print(f"{name} {workload}: {len(calls)} variants x {repeats} rounds", flush=True)
     with torch.inference_mode():
+        outputs = {"unpatched": call()}  # each variant's first run checks it works and gives its output
+        for label, _, enable, disable in variants:
+            try:  # a reference package that fails on current diffusers is reported, not fatal
+                outputs[label] = switched(enable, disable)()
+                calls[label] = switched(enable, disable)
+            except Exception as error:  # noqa: BLE001
+                failures[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+                print(f"  {label} failed: {failures[label]}", flush=True)
+        print(f"{name} {workload}: {len(calls)} variants x {repeats} rounds", flush=True)
         timings = time_interleaved(calls, repeats=repeats, warmup=0)
-        reference = call()
-        outputs = {label: fn() for label, fn in calls.items()}
+    reference = outputs["unpatched"]
     rows = []
     for label, method, _, _ in [("unpatched", "-", None, None)] + variants:
         row = {"model": name, "workload": workload, "method": method, "settings": label}
@@ -176,7 +176,8 @@ def main() -> None:
     loop_variants += [ours("tome downsample (ToDo) 2x", tome=accel.ToMe(mode="downsample"))]
     loop_variants += [ours(f"deepcache {n}", deepcache=n) for n in (2, 3, 5)]
     loop_variants += [ours("tome 0.5 + deepcache 3", tome=0.5, deepcache=3)]
-    loop_variants += [v for v in (tomesd_variant(0.5), deepcache_variant(3), deepcache_variant(5)) if v]
+    references = (tomesd_variant("tomesd 0.5", ratio=0.5), deepcache_variant(3), deepcache_variant(5))
+    loop_variants += [v for v in references if v]
     rows = run_variants(name, pipe, loop_variants, loop, args.repeats,
                         f"{args.steps}-step DDIM loop, {side}x{side} latents")
 
@@ -189,7 +190,9 @@ def main() -> None:
     large_variants = [ours("tome 0.5", tome=0.5), ours("tome downsample (ToDo) 2x", tome=accel.ToMe(mode="downsample"))]
     large_variants += [ours("tome 0.5, attn+mlp, 2 levels",
                             tome=accel.ToMe(ratio=0.5, max_downsample=2, merge_mlp=True))]
-    large_variants += [v for v in (tomesd_variant(0.5),) if v]
+    large_variants += [v for v in (tomesd_variant("tomesd 0.5", ratio=0.5),
+                                   tomesd_variant("tomesd 0.5, attn+mlp, 2 levels", ratio=0.5, max_downsample=2,
+                                                  merge_mlp=True)) if v]
     rows += run_variants(name, pipe, large_variants, single, args.repeats_large,
                          f"one UNet call, {2 * side}x{2 * side} latents")
 
