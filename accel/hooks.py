@@ -11,16 +11,23 @@ the mechanism added, so an unpatched module is exactly the module it was.
 
 If something else (accelerate's offload hooks, say) wrapped the same method *after* us, the
 trampoline it captured stays in place as a pass-through instead of being torn out from under it.
+
+``method="__call__"`` hooks calling the object itself (``pipe(...)``). Python looks ``__call__``
+up on the type, so the instance's class is swapped for a one-level subclass (same name and
+module) whose ``__call__`` runs the chain; the last removal swaps the original class back (or,
+if something swapped the class again on top of ours, leaves ours as a pass-through).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 __all__ = ["Hook", "HookHandle", "HookGroup", "add_hook", "hooked_methods"]
 
 # Attribute that holds the chains of one module: {method name: _Chain}.
 _CHAINS_ATTR = "_accel_hooks"
+# Class attribute of a ``__call__`` swap subclass: the class it replaced.
+_SWAPPED_FROM = "_accel_swapped_from"
 
 Hook = Callable[..., Any]  # hook(module, call_next, *args, **kwargs) -> output
 
@@ -33,11 +40,31 @@ class _Chain:
         self.name = name
         self.had_instance_attr = name in vars(module)
         self.previous = vars(module).get(name)
-        self.base = getattr(module, name)  # bound method, or an earlier instance wrapper
+        self.swapped: Optional[Tuple[type, type]] = None  # (original class, our subclass) for __call__
+        if name == "__call__":
+            self.base = functools.partial(_unswapped(type(module)).__call__, module)
+            self._swap_class()
+        else:
+            self.base = getattr(module, name)  # bound method, or an earlier instance wrapper
         self.hooks: List[Hook] = []
         self.composed: Callable[..., Any] = self.base
         self.trampoline = self._make_trampoline()
         object.__setattr__(module, name, self.trampoline)
+
+    def _swap_class(self) -> None:
+        base = type(self.module)
+        original = _unswapped(base).__call__
+
+        def __call__(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            own = vars(obj).get("__call__")  # our trampoline while hooks are on
+            return original(obj, *args, **kwargs) if own is None else own(*args, **kwargs)
+
+        functools.update_wrapper(__call__, original)
+        sub = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                            "__qualname__": base.__qualname__, "__doc__": base.__doc__,
+                                            _SWAPPED_FROM: base})
+        object.__setattr__(self.module, "__class__", sub)
+        self.swapped = (base, sub)
 
     def _make_trampoline(self) -> Callable[..., Any]:
         chain = self
@@ -62,7 +89,16 @@ class _Chain:
             object.__setattr__(self.module, self.name, self.previous)
         else:
             object.__delattr__(self.module, self.name)
+        if self.swapped is not None and type(self.module) is self.swapped[1]:
+            object.__setattr__(self.module, "__class__", self.swapped[0])
         return True
+
+
+def _unswapped(cls: type) -> type:
+    """The class below our ``__call__`` swaps (a swap's ``__call__`` would call back into ours)."""
+    while _SWAPPED_FROM in vars(cls):
+        cls = vars(cls)[_SWAPPED_FROM]
+    return cls
 
 
 class HookHandle:

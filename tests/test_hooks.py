@@ -95,3 +95,43 @@ def test_hook_group_removes_all_and_rejects_missing_method():
     assert len(group) == 0 and hooked_methods(a) == [] and "forward" not in vars(b)
     with pytest.raises(TypeError, match="no method 'nope'"):
         add_hook(a, scale_hook(1.0), "nope")
+
+
+def test_call_hooks_swap_the_class_per_instance_and_restore_it():
+    import inspect
+
+    class Pipe:
+        def __call__(self, x, scale=1):
+            return x * scale
+
+    pipe, other = Pipe(), Pipe()
+    seen = []
+    first = add_hook(pipe, lambda obj, call_next, *a, **k: (seen.append(a), call_next(*a, **k))[1], "__call__")
+    second = add_hook(pipe, lambda obj, call_next, *a, **k: call_next(*a, **k) + 100, "__call__")
+    assert pipe(2, scale=3) == 106 and seen == [(2,)]
+    assert isinstance(pipe, Pipe) and type(pipe).__name__ == "Pipe" and type(pipe) is not Pipe
+    assert type(other) is Pipe and other(2) == 2  # other instances untouched
+    assert str(inspect.signature(pipe)) == "(x, scale=1)"
+    first.remove()
+    assert pipe(2) == 102 and type(pipe) is not Pipe
+    second.remove()
+    assert type(pipe) is Pipe and vars(pipe) == {} and pipe(2) == 2
+
+
+def test_call_hook_under_a_later_class_swap_stays_a_pass_through():
+    class Pipe:
+        def __call__(self, x):
+            return x
+
+    pipe = Pipe()
+    handle = add_hook(pipe, lambda obj, call_next, x: call_next(x) + 1, "__call__")
+    ours = type(pipe)
+
+    class Theirs(ours):  # something else swaps the class after us (e.g. another library)
+        def __call__(self, x):
+            return super().__call__(x) * 10
+
+    pipe.__class__ = Theirs
+    assert pipe(1) == 20
+    handle.remove()
+    assert type(pipe) is Theirs and pipe(1) == 10  # theirs kept; ours passes through

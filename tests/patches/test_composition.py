@@ -85,3 +85,36 @@ def test_lora_loaded_before_or_after_patching_gives_the_same_images(pipe):
     assert torch.equal(run(before), patched_lora)
     accel.unpatch(after)
     assert torch.equal(run(after), with_lora)  # unpatched, the LoRA model as it was
+
+
+def test_tome_random_destinations_repeat_at_each_pipeline_call(pipe):
+    accel.patch(pipe, tome=0.5)  # use_rand: destinations from ToMe's own generator, reseeded per call
+    try:
+        first, second = run(pipe), run(pipe)
+    finally:
+        accel.unpatch(pipe)
+    assert torch.equal(first, second)
+
+
+def test_tome_on_the_shipped_dit_pipeline_end_to_end():
+    import accel.pipelines
+
+    dit = accel.pipelines.load("fashion-dit")
+
+    def images():
+        with torch.inference_mode():
+            return dit(class_labels=[7, 8, 9], num_inference_steps=4, guidance_scale=3.0, output_type="pt",
+                       generator=torch.Generator().manual_seed(0)).images
+
+    reference = images()
+    accel.patch(dit, tome=0.0)
+    assert torch.equal(images(), reference)
+    for setting in (0.5, accel.ToMe(mode="downsample")):
+        accel.patch(dit, tome=setting)
+        out = images()
+        assert not torch.equal(out, reference)
+        assert (out - reference).abs().mean() < 0.1  # images in [0, 1]: close to the unpatched ones
+        info = accel.describe(dit)["methods"]["tome"]
+        assert info["patched"]["count"] >= 8  # every transformer block of the DiT (and the call hook)
+    accel.unpatch(dit)
+    assert torch.equal(images(), reference)

@@ -362,7 +362,7 @@ def test_fashion_sd_pipeline_end_to_end():
         info = accel.describe(pipe)["methods"]["tome"]
         assert info["last_call"] == {"latent": [16, 16], "per_downsample": {
             1: {"grid": [16, 16], "blocks": 3, "tokens": 256, "merged": 128}}}  # CFG: batch 2, random
-        assert set(info["patched"]["modules"]) == {"unet.down_blocks.0.attentions.0.transformer_blocks.0",
+        assert set(info["patched"]["modules"]) == {"__call__", "unet.down_blocks.0.attentions.0.transformer_blocks.0",
                                                    "unet.up_blocks.1.attentions.0.transformer_blocks.0",
                                                    "unet.up_blocks.1.attentions.1.transformer_blocks.0"}
         assert out.shape == ref.shape == (1, 1, 32, 32) and not torch.equal(out, ref)

@@ -12,13 +12,12 @@ are hooked. Branch ``k`` is a skip connection (``deep_units`` says which modules
 
 A pipeline counts steps by hooking its scheduler's ``step`` for the duration of each call; its
 class is swapped to a subclass whose ``__call__`` resets the state (``__call__`` is looked up on
-the type, so it cannot be hooked on the instance). A bare UNet counts one step per call.
+the type; ``accel.hooks`` does the swap). A bare UNet counts one step per call.
 No timestep is read back to the host.
 """
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...families import is_diffusers_pipeline, is_loaded_instance, qualified_name
@@ -139,8 +138,6 @@ class DeepCacheUNet(MethodPatch):
                 f"0 = conv_in's, the shallowest); got {config.branch}"
             )
         self.schedule = config.make_schedule()
-        self._swap: Optional[Tuple[type, type]] = None
-        self._installed = False
 
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:
@@ -153,51 +150,24 @@ class DeepCacheUNet(MethodPatch):
             what = "F_cache (cached deep feature)" if name == last else "cached, skipped on shallow steps"
             self.patched_modules[self.prefix + name] = what
         if self.pipe is not None:
-            self._swap_class()
-            self.patched_modules["__call__"] = "class swap: per-call reset, counts scheduler.step"
-        self._installed = True
-
-    def uninstall(self) -> None:
-        self._installed = False
-        if self._swap is not None:
-            base, sub = self._swap
-            if type(self.pipe) is sub:  # else a later class swap sits on ours: ours stays as a pass-through
-                object.__setattr__(self.pipe, "__class__", base)
-            self._swap = None
-        super().uninstall()
-
-    def _swap_class(self) -> None:
-        """Give the pipeline instance a subclass of its class whose ``__call__`` resets the state."""
-        base, patch = type(self.pipe), self
-        original = base.__call__
-
-        def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-            if not patch._installed or patch.state is None or patch.state.in_call:
-                return original(pipe, *args, **kwargs)  # unpatched-but-still-subclassed, or nested
-            return patch._pipeline_call(pipe, original, args, kwargs)
-
-        functools.update_wrapper(__call__, original)
-        __call__.__signature__ = inspect.signature(original)
-        sub = type(base.__name__, (base,), {
-            "__call__": __call__, "__module__": base.__module__, "__qualname__": base.__qualname__,
-            "__doc__": base.__doc__, "_accel_deepcache_base": base,
-        })
-        object.__setattr__(self.pipe, "__class__", sub)
-        self._swap = (base, sub)
+            self.hooks.add(self.pipe, self._pipeline_call, "__call__")
+            self.patched_modules["__call__"] = "per-call reset, counts scheduler.step"
 
     # -- per run --------------------------------------------------------------------------------
     def reset(self, num_steps: Optional[int] = None) -> None:
         if self.state is not None:
             self.state.reset(num_steps)
 
-    def _pipeline_call(self, pipe: Any, original: Any, args: Any, kwargs: Any) -> Any:
+    def _pipeline_call(self, pipe: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         state = self.state
+        if state is None or state.in_call:  # nested call: part of the running one
+            return call_next(*args, **kwargs)
         state.reset()
         state.in_call = True
         # hook the scheduler the pipeline holds *now* (it may have been replaced after patching)
         handle = add_hook(pipe.scheduler, self._scheduler_step, "step")
         try:
-            return original(pipe, *args, **kwargs)
+            return call_next(*args, **kwargs)
         finally:
             handle.remove()
             state.in_call = False

@@ -77,6 +77,10 @@ class ToMeDiffusionState:
         self.latent: Optional[Tuple[int, int]] = None
         self.per_level: Dict[int, Dict[str, Any]] = {}
 
+    def reseed(self) -> None:
+        """Start the destinations' random stream again (at each pipeline call)."""
+        self.generators = {}
+
     def begin(self, height: int, width: int) -> None:
         self.latent = (height, width)
         self.per_level = {}
@@ -193,6 +197,9 @@ class ToMeDiffusers(MethodPatch):
     def _install(self) -> None:
         self.state = ToMeDiffusionState(self.config.seed)
         self.hooks.add(self.model, self._model_forward)
+        if self.model is not self.target:  # a pipeline: the same call with the same seed gives the same image
+            self.hooks.add(self.target, self._pipeline_call, "__call__")
+            self.patched_modules["__call__"] = "reseeds ToMe's generator at each call"
         cfg = self.config
         if cfg.mode == "downsample":
             what = f"self-attention keys/values downsampled x{cfg.downsample_factor} ({cfg.downsample_method})"
@@ -205,6 +212,11 @@ class ToMeDiffusers(MethodPatch):
             self.patched_modules[qual] = f"{what} at downsample {level}"
 
     # -- hooks ----------------------------------------------------------------------------------
+    def _pipeline_call(self, pipe: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.state is not None:
+            self.state.reseed()
+        return call_next(*args, **kwargs)
+
     def _model_forward(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         if isinstance(x, torch.Tensor) and x.ndim == 4:
