@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the loop workload")
     parser.add_argument("--repeats-large", type=int, default=3, help="interleaved rounds of the single-call workload")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workloads", default="loop,large", help="loop (64x64 scheduler loop), large (128x128 call)")
+    parser.add_argument("--section", default="bench_diffusion", help="section of benchmarks.md to write")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -178,8 +180,11 @@ def main() -> None:
     loop_variants += [ours("tome 0.5 + deepcache 3", tome=0.5, deepcache=3)]
     references = (tomesd_variant("tomesd 0.5", ratio=0.5), deepcache_variant(3), deepcache_variant(5))
     loop_variants += [v for v in references if v]
-    rows = run_variants(name, pipe, loop_variants, loop, args.repeats,
-                        f"{args.steps}-step DDIM loop, {side}x{side} latents")
+    workloads = args.workloads.split(",")
+    rows: List[Dict[str, Any]] = []
+    if "loop" in workloads:
+        rows += run_variants(name, pipe, loop_variants, loop, args.repeats,
+                             f"{args.steps}-step DDIM loop, {side}x{side} latents")
 
     large = torch.randn(1, 4, 2 * side, 2 * side, generator=gen)
     t = torch.tensor([500])
@@ -193,8 +198,9 @@ def main() -> None:
     large_variants += [v for v in (tomesd_variant("tomesd 0.5", ratio=0.5),
                                    tomesd_variant("tomesd 0.5, attn+mlp, 2 levels", ratio=0.5, max_downsample=2,
                                                   merge_mlp=True)) if v]
-    rows += run_variants(name, pipe, large_variants, single, args.repeats_large,
-                         f"one UNet call, {2 * side}x{2 * side} latents")
+    if "large" in workloads:
+        rows += run_variants(name, pipe, large_variants, single, args.repeats_large,
+                             f"one UNet call, {2 * side}x{2 * side} latents")
 
     table = format_table(rows, COLUMNS)
     print(table)
@@ -208,8 +214,8 @@ def main() -> None:
             "weights": f"seeded random (seed {args.seed})",
             "command": " ".join(["python scripts/bench_diffusion.py"] + sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_diffusion.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    replace_section(args.out / "benchmarks.md", "bench_diffusion", (
+    (args.out / f"{args.section}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    replace_section(args.out / "benchmarks.md", args.section, (
         f"Measured {meta['date']} on {machine}. {name} configuration, fp32, {meta['weights']} weights, batch 1 "
         f"without guidance; baseline = the unpatched UNet (SDPA attention); interleaved in one process, medians "
         f"of {args.repeats} (loop) and {args.repeats_large} (single call) rounds.\n\nCommand: `{meta['command']}`\n\n"
