@@ -1,13 +1,13 @@
 """Quality of the built-in diffusion pipelines: FID, CLIP score and class accuracy of generated images.
 
 For fashion-sd and fashion-dit: ``--per-class`` images of every class at ``--steps`` steps
-(guidance ``--guidance``, fixed seeds); FID against the shipped 2,000-image test subset
+(guidance ``--guidance``, fixed seeds); FID against ``--real`` images of the shipped test subset
 (Inception-v3 pool features, the standard FID extractor), CLIP score against "a photo of a {name}"
 (fashion-clip), and the fraction fashion-vit labels as the requested class. The subset's FID
 against itself is printed as a check (about 0). Writes the ``generation-quality`` section of
 docs/models.md.
 
-    python scripts/eval_generation.py                 # 50 images per class (about 15 minutes on 2 cores)
+    python scripts/eval_generation.py                 # 20 images per class (about 10 minutes on 2 cores)
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ def fid_against(real_fid, images: torch.Tensor, batch: int = 100) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="fashion-sd,fashion-dit")
-    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--real", type=int, default=2000, help="test-subset images for the real statistics")
+    parser.add_argument("--real", type=int, default=500, help="test-subset images for the real statistics")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
