@@ -29,13 +29,17 @@ def test_info_and_bad_arguments(capsys):
     assert main(["bench", "--batch", "0"]) == 2
 
 
-def test_default_bench_runs_on_the_built_in_trained_vit(capsys):
-    out, header, (r0, r2) = bench_table(capsys, "--batch", "8", "--eval-images", "200", "--repeats", "1",
-                                        "--r", "0,2")
+def test_default_bench_runs_on_every_built_in_model(capsys, tmp_path):
+    tiny = ["--steps", "1", "--per-class", "1", "--fid-real", "10", "--diffusion-repeats", "1", "--out", str(tmp_path)]
+    out, header, rows = bench_table(capsys, "--batch", "8", "--eval-images", "200", "--repeats", "1", "--r", "0,2",
+                                    *tiny)
+    r0, r2 = rows[:2]
     assert "fashion-vit (built-in timm ViT trained on Fashion-MNIST" in out
     assert "baseline accuracy" in header and "patched accuracy" in header
     assert r0[3] == "r=0" and r0[-2] == r0[-1]  # r=0: the unpatched model's accuracy exactly
     assert float(r0[-2]) >= 0.85 and float(r2[-1]) >= 0.8
+    assert "model: fashion-sd" in out and "model: fashion-dit" in out
+    assert (tmp_path / "fashion-sd-grid.png").exists() and (tmp_path / "fashion-dit-grid.png").exists()
 
 
 def test_bench_on_a_built_in_diffusion_pipeline_reports_quality_and_writes_a_grid(capsys, tmp_path):
