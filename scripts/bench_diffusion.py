@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workloads", default="loop,large", help="loop (64x64 scheduler loop), large (128x128 call)")
     parser.add_argument("--section", default="bench_diffusion", help="section of benchmarks.md to write")
+    parser.add_argument("--match", default=None, help="only the variants whose label matches this regex")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -180,6 +181,10 @@ def main() -> None:
     loop_variants += [ours("tome 0.5 + deepcache 3", tome=0.5, deepcache=3)]
     references = (tomesd_variant("tomesd 0.5", ratio=0.5), deepcache_variant(3), deepcache_variant(5))
     loop_variants += [v for v in references if v]
+    if args.match:
+        import re
+
+        loop_variants = [v for v in loop_variants if re.search(args.match, v[0])]
     workloads = args.workloads.split(",")
     rows: List[Dict[str, Any]] = []
     if "loop" in workloads:
@@ -198,6 +203,8 @@ def main() -> None:
     large_variants += [v for v in (tomesd_variant("tomesd 0.5", ratio=0.5),
                                    tomesd_variant("tomesd 0.5, attn+mlp, 2 levels", ratio=0.5, max_downsample=2,
                                                   merge_mlp=True)) if v]
+    if args.match:
+        large_variants = [v for v in large_variants if re.search(args.match, v[0])]
     if "large" in workloads:
         rows += run_variants(name, pipe, large_variants, single, args.repeats_large,
                              f"one UNet call, {2 * side}x{2 * side} latents")
