@@ -118,3 +118,40 @@ def test_tome_on_the_shipped_dit_pipeline_end_to_end():
         assert info["patched"]["count"] >= 8  # every transformer block of the DiT (and the call hook)
     accel.unpatch(dit)
     assert torch.equal(images(), reference)
+
+
+def test_pixart_pipeline_end_to_end():
+    """A tiny PixArtAlphaPipeline (ada_norm_single blocks, a 1-layer T5 encoder, fashion-sd's
+    tokenizer and autoencoder) run for 3 steps: identity, merging and unpatch."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from accel.pipelines.fashion_sd import build_vae, load_fashion_sd
+
+    torch.manual_seed(0)
+    tokenizer = load_fashion_sd().tokenizer
+    encoder = T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=12, d_kv=4, d_ff=24, num_layers=1,
+                                      num_heads=2)).eval()
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=16, patch_size=2, caption_channels=12, norm_num_groups=4).eval()
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=build_vae().eval(),
+                               transformer=transformer, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        with torch.inference_mode():
+            return pipe("a photo of a bag", num_inference_steps=3, guidance_scale=3.0, output_type="latent",
+                        clean_caption=False, max_sequence_length=16, use_resolution_binning=False,
+                        generator=torch.Generator().manual_seed(0)).images
+
+    reference = draw()
+    accel.patch(pipe, tome=0.0)
+    assert torch.equal(draw(), reference)
+    accel.patch(pipe, tome=0.5)
+    merged = draw()
+    assert merged.shape == reference.shape and not torch.equal(merged, reference)
+    assert torch.nn.functional.cosine_similarity(merged.flatten(), reference.flatten(), dim=0) > 0.9
+    assert accel.describe(pipe)["methods"]["tome"]["last_call"]["per_downsample"][1]["merged"] > 0
+    accel.unpatch(pipe)
+    assert torch.equal(draw(), reference)
