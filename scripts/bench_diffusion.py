@@ -12,7 +12,7 @@ reference packages ``tomesd`` and ``DeepCache`` are included when installed (ben
 run's, with the latents' own range as the peak. Writes docs/bench_diffusion.json and the
 ``bench_diffusion`` section of docs/benchmarks.md.
 
-    python scripts/bench_diffusion.py                   # the full run (about 25 minutes on 2 cores)
+    python scripts/bench_diffusion.py                   # the full run (about 29 minutes on 2 cores)
     python scripts/bench_diffusion.py --config tiny ... # a smoke run (tests)
 """
 from __future__ import annotations
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--config", choices=("sd15", "tiny"), default="sd15")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps of the loop workload")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the loop workload")
-    parser.add_argument("--repeats-large", type=int, default=3, help="interleaved rounds of the single-call workload")
+    parser.add_argument("--repeats-large", type=int, default=2, help="interleaved rounds of the single-call workload")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workloads", default="loop,large", help="loop (64x64 scheduler loop), large (128x128 call)")
     parser.add_argument("--section", default="bench_diffusion", help="section of benchmarks.md to write")

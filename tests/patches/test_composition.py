@@ -155,3 +155,32 @@ def test_pixart_pipeline_end_to_end():
     assert accel.describe(pipe)["methods"]["tome"]["last_call"]["per_downsample"][1]["merged"] > 0
     accel.unpatch(pipe)
     assert torch.equal(draw(), reference)
+
+
+def test_custom_attention_processors_run_under_both_patches(pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Counting(AttnProcessor2_0):
+        """The default processor, counting its calls and the query tokens it sees."""
+
+        calls, sizes = 0, set()
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            Counting.calls += 1
+            Counting.sizes.add(hidden_states.shape[1])
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    tome = accel.ToMe(ratio=0.5, use_rand=False)
+    accel.patch(pipe, tome=tome, deepcache=3)
+    try:
+        before = run(pipe)
+        processors = pipe.unet.attn_processors
+        pipe.unet.set_attn_processor(Counting())
+        after = run(pipe)
+        pipe.unet.set_attn_processor(processors)
+    finally:
+        accel.unpatch(pipe)
+    assert torch.equal(after, before)  # the same attention, now through the user's processor
+    assert Counting.calls > 0
+    # self-attention at 16x16 gets the 128 merged tokens (cross-attention there 256, the 8x8 level 64)
+    assert Counting.sizes == {256, 128, 64}
