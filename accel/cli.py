@@ -60,36 +60,44 @@ def diffusion_variants(name: str) -> Dict[str, Dict[str, Any]]:
     return {"tome 0.5": {"tome": 0.5}, "tome downsample 2x (ToDo)": {"tome": ToMe(mode="downsample")}}
 
 
-def _bench_diffusion(name: str, args: argparse.Namespace) -> str:
-    import torch
-
-    from .eval.clip_score import ClipScorer
-    from .eval.diffusion import DIFFUSION_COLUMNS, bench_diffusion, image_grid
-    from .eval.fid import InceptionFeatures
-    from .eval.report import format_table
-    from .pipelines import FASHION_CLASSES, load, load_test_subset, prompt_for
-    from .pipelines.fashion_sd import generate
-    from .pipelines.fashion_vit import preprocess
-
+def _diffusion_judges(args: argparse.Namespace) -> Dict[str, Any]:
+    """What scores generated images, loaded once for every pipeline: the classifier, the CLIP
+    scorer and the real test images' FID statistics."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from .eval.clip_score import ClipScorer
+    from .eval.fid import FidReference
+    from .pipelines import load, load_test_subset
+    from .pipelines.fashion_vit import preprocess
+
     diffusers_logging.disable_progress_bar()  # loading bars would interleave with the table
     transformers_logging.disable_progress_bar()
-    pipe = load(name)
     vit = load(BUILT_IN_VIT)
     real, _ = load_test_subset()
     real = real[: args.fid_real]
+    return {"classifier": lambda x: vit(preprocess(x)), "clip_scorer": ClipScorer(),
+            "fid_reference": FidReference(real), "real_count": len(real)}
+
+
+def _bench_diffusion(name: str, args: argparse.Namespace, judges: Dict[str, Any]) -> str:
+    from .eval.diffusion import DIFFUSION_COLUMNS, bench_diffusion, image_grid
+    from .eval.report import format_table
+    from .pipelines import FASHION_CLASSES, load, prompt_for
+    from .pipelines.fashion_sd import generate
+
+    pipe = load(name)
     n = args.per_class * len(FASHION_CLASSES)
     print(f"model: {name} (built-in diffusers pipeline trained on Fashion-MNIST), {args.steps} steps, guidance "
           f"{args.guidance}; speed: one image of each class per call, {args.diffusion_repeats} interleaved rounds, "
           f"medians; quality on {n} images with fixed seeds: PSNR against the unpatched image, FID against "
-          f"{len(real)} test images (Inception-v3 features), CLIP score (fashion-clip), class accuracy (fashion-vit)")
+          f"{judges['real_count']} test images (Inception-v3 features), CLIP score (fashion-clip), class accuracy "
+          f"(fashion-vit)")
     rows, images = bench_diffusion(
         pipe, diffusion_variants(name), model_name=name, num_classes=len(FASHION_CLASSES), steps=args.steps,
-        per_class=args.per_class, repeats=args.diffusion_repeats, real_images=real, prompts=prompt_for,
+        per_class=args.per_class, repeats=args.diffusion_repeats, prompts=prompt_for,
         generate=lambda p, labels, steps: generate(p, labels, steps, args.guidance, seed=args.seed),
-        classifier=lambda x: vit(preprocess(x)), fid_features=InceptionFeatures(), clip_scorer=ClipScorer(),
+        fid_reference=judges["fid_reference"], classifier=judges["classifier"], clip_scorer=judges["clip_scorer"],
     )
     print(format_table([row.as_dict() for row in rows], DIFFUSION_COLUMNS, style="text"))
     grid = image_grid(images, Path(args.out) / f"{name}-grid.png", columns=range(0, n, args.per_class))
@@ -100,9 +108,10 @@ def _bench_diffusion(name: str, args: argparse.Namespace) -> str:
 def _bench(args: argparse.Namespace) -> int:
     if args.model == DEFAULT_MODEL:
         tables = [_bench_vit(argparse.Namespace(**{**vars(args), "model": BUILT_IN_VIT}))]
-        tables += [_bench_diffusion(name, args) for name in BUILT_IN_DIFFUSION]
+        judges = _diffusion_judges(args)
+        tables += [_bench_diffusion(name, args, judges) for name in BUILT_IN_DIFFUSION]
     elif args.model in BUILT_IN_DIFFUSION:
-        tables = [_bench_diffusion(args.model, args)]
+        tables = [_bench_diffusion(args.model, args, _diffusion_judges(args))]
     else:
         tables = [_bench_vit(args)]
     if args.report:

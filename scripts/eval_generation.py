@@ -21,19 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accel.eval.clip_score import ClipScorer  # noqa: E402
-from accel.eval.fid import InceptionFeatures, make_fid  # noqa: E402
+from accel.eval.bench import accuracy  # noqa: E402
+from accel.eval.fid import FidReference  # noqa: E402
 from accel.eval.report import format_table, replace_section  # noqa: E402
 from accel.pipelines import FASHION_CLASSES, load, load_test_subset, prompt_for  # noqa: E402
 from accel.pipelines.fashion_sd import generate  # noqa: E402
 from accel.pipelines.fashion_vit import preprocess  # noqa: E402
-
-
-def fid_against(real_fid, images: torch.Tensor, batch: int = 100) -> float:
-    """FID of ``images`` against the real statistics already in ``real_fid`` (reset_real_features=False)."""
-    real_fid.reset()
-    for start in range(0, len(images), batch):
-        real_fid.update(images[start:start + batch].unsqueeze(1), real=False)
-    return float(real_fid.compute())
 
 
 def main() -> None:
@@ -49,11 +42,8 @@ def main() -> None:
 
     real, _ = load_test_subset()
     real = real[: args.real]
-    features = InceptionFeatures()
-    fid = make_fid(features, reset_real_features=False)  # real statistics computed once
-    for start in range(0, len(real), 100):
-        fid.update(real[start:start + 100].unsqueeze(1), real=True)
-    self_fid = fid_against(fid, real)
+    reference = FidReference(real)  # real statistics computed once
+    self_fid = reference.fid(real)
     print(f"FID of the {len(real)} test images against themselves: {self_fid:.3f}", flush=True)
 
     vit, scorer = load("fashion-vit"), ClipScorer()
@@ -64,9 +54,9 @@ def main() -> None:
     for name in args.models.split(","):
         images = generate(load(name), labels, args.steps, args.guidance, seed=args.seed)
         with torch.inference_mode():
-            accuracy = (vit(preprocess(images)).argmax(-1) == labels).float().mean().item()
-        rows.append({"model": name, "fid": fid_against(fid, images), "clip": scorer.score(images, prompts),
-                     "accuracy": accuracy})
+            class_accuracy = accuracy(vit(preprocess(images)), labels)
+        rows.append({"model": name, "fid": reference.fid(images), "clip": scorer.score(images, prompts),
+                     "accuracy": class_accuracy})
         print(rows[-1], flush=True)
     table = format_table(rows, [("model", "images", ""), ("fid", "FID vs test subset", ".2f"),
                                 ("clip", "CLIP score", ".2f"), ("accuracy", "class accuracy", ".3f")])

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .bench import accuracy
 from .timing import time_interleaved
 
 __all__ = ["psnr", "DiffusionRow", "DIFFUSION_COLUMNS", "bench_diffusion", "image_grid"]
@@ -70,20 +71,19 @@ def bench_diffusion(
     steps: int,
     per_class: int,
     repeats: int = 3,
-    real_images: Optional[torch.Tensor] = None,
+    fid_reference: Any = None,
     prompts: Optional[Callable[[int], str]] = None,
     classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    fid_features: Any = None,
     clip_scorer: Any = None,
 ) -> tuple:
     """Rows for the unpatched pipeline and each variant ``{label: accel.patch keywords}``, and
     the images of each (``{label: uint8 [per_class * num_classes, H, W]}``).
 
-    ``generate(pipe, labels, steps)`` returns uint8 images of the classes ``labels`` with fixed seeds.
-    Quality columns are skipped (None) when their model is not given.
+    ``generate(pipe, labels, steps)`` returns uint8 images of the classes ``labels`` with fixed seeds;
+    ``fid_reference`` is an ``accel.eval.fid.FidReference`` of real images. Quality columns are
+    skipped (None) when their model is not given.
     """
     from .. import api
-    from .fid import frechet_inception_distance
 
     pipes = {"unpatched": pipe}
     for label, methods in variants.items():
@@ -104,11 +104,10 @@ def bench_diffusion(
             s_per_image=timings[label].median_s / num_classes,
             speedup=timings[label].speedup_over(timings["unpatched"]),
             psnr=None if label == "unpatched" else psnr(out, reference),
-            fid=None if real_images is None else frechet_inception_distance(real_images, out, features=fid_features),
+            fid=None if fid_reference is None else fid_reference.fid(out),
             clip_score=None if clip_scorer is None or prompts is None
             else clip_scorer.score(out, [prompts(int(c)) for c in labels]),
-            class_accuracy=None if classifier is None
-            else (classifier(out).argmax(-1) == labels).float().mean().item(),
+            class_accuracy=None if classifier is None else accuracy(classifier(out), labels),
         ))
     return rows, images
 

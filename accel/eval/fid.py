@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["inception_weights_path", "tf_bilinear_resize", "InceptionFeatures", "make_fid",
+__all__ = ["inception_weights_path", "tf_bilinear_resize", "InceptionFeatures", "make_fid", "FidReference",
            "frechet_inception_distance"]
 
 INPUT_SIZE = 299
@@ -87,12 +87,29 @@ def make_fid(features: Optional[InceptionFeatures] = None, reset_real_features: 
                                     reset_real_features=reset_real_features)
 
 
+class FidReference:
+    """The real images' Inception statistics, computed once; ``fid(fake)`` against them.
+
+    ``real`` and the sets given to ``fid`` are uint8 images, ``[N, H, W]`` grey or ``[N, C, H, W]``.
+    """
+
+    def __init__(self, real: torch.Tensor, features: Optional[InceptionFeatures] = None, batch: int = 100) -> None:
+        self.batch = batch
+        self.metric = make_fid(features, reset_real_features=False)
+        self._update(real, real=True)
+
+    def _update(self, images: torch.Tensor, real: bool) -> None:
+        images = images.unsqueeze(1) if images.ndim == 3 else images
+        for start in range(0, len(images), self.batch):
+            self.metric.update(images[start:start + self.batch], real=real)
+
+    def fid(self, fake: torch.Tensor) -> float:
+        self.metric.reset()  # the generated statistics only
+        self._update(fake, real=False)
+        return float(self.metric.compute())
+
+
 def frechet_inception_distance(real: torch.Tensor, fake: torch.Tensor, batch: int = 100,
                                features: Optional[InceptionFeatures] = None) -> float:
     """FID between two sets of uint8 images (``[N, H, W]`` grey or ``[N, C, H, W]``)."""
-    fid = make_fid(features)
-    for images, is_real in ((real, True), (fake, False)):
-        images = images.unsqueeze(1) if images.ndim == 3 else images
-        for start in range(0, len(images), batch):
-            fid.update(images[start:start + batch], real=is_real)
-    return float(fid.compute())
+    return FidReference(real, features, batch).fid(fake)

@@ -114,9 +114,9 @@ def generated_class_accuracy(pipe: Any, classifier: Any, per_class: int, steps: 
                              seed: int = 0, batch: int = 50) -> float:
     """Generate ``per_class`` images of every class at ``steps`` steps; the fraction
     ``classifier`` (fashion-vit) labels as the requested class."""
+    from ..eval.bench import accuracy
     from .fashion_vit import preprocess
 
     labels = torch.arange(len(FASHION_CLASSES)).repeat_interleave(per_class)
     images = generate(pipe, labels, steps, guidance, seed, batch)
-    predicted = classifier(preprocess(images)).argmax(-1)
-    return (predicted == labels).float().mean().item()
+    return accuracy(classifier(preprocess(images)), labels)
