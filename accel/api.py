@@ -6,7 +6,6 @@ in the order applied); the attribute is removed with the last patch.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -16,6 +15,7 @@ from .patches.deepcache import DeepCache
 from .patches.deepcache import unet as deepcache_unet
 from .patches.tome import ToMe
 from .patches.tome import diffusers as tome_diffusers
+from .patches.tome import timm as tome_timm
 
 __all__ = ["patch", "unpatch", "patched", "describe", "get_patch", "available_methods"]
 
@@ -37,35 +37,15 @@ class Method:
     adapters: Tuple[Adapter, ...]
 
 
-def _tome_timm(model: Any, config: ToMe) -> MethodPatch:
-    from .patches.tome.timm import ToMeTimm
-
-    return ToMeTimm(model, config)
-
-
-def _tome_timm_supports() -> str:
-    from .patches.tome.timm import SUPPORTED
-
-    return SUPPORTED
-
-
-def _lazy(module: str, attr: str) -> Callable[..., Any]:
-    """A function of an adapter module imported on first use (adapters import their framework)."""
-    def call(*args: Any) -> Any:
-        return getattr(importlib.import_module(module, __package__), attr)(*args)
-
-    return call
-
-
+# Adapters import no framework at module level (they check ``sys.modules``), so importing them
+# here keeps ``import accel`` framework-free.
 _METHODS: Dict[str, Method] = {
     "tome": Method(ToMe.coerce, (
-        Adapter(is_timm_vit, _tome_timm, _tome_timm_supports()),
-        Adapter(_lazy(".patches.tome.diffusers", "matches"), _lazy(".patches.tome.diffusers", "ToMeDiffusers"),
-                tome_diffusers.SUPPORTED),
+        Adapter(is_timm_vit, tome_timm.ToMeTimm, tome_timm.SUPPORTED),
+        Adapter(tome_diffusers.matches, tome_diffusers.ToMeDiffusers, tome_diffusers.SUPPORTED),
     )),
     "deepcache": Method(DeepCache.coerce, (
-        Adapter(_lazy(".patches.deepcache.unet", "matches"), _lazy(".patches.deepcache.unet", "DeepCacheUNet"),
-                deepcache_unet.SUPPORTED),
+        Adapter(deepcache_unet.matches, deepcache_unet.DeepCacheUNet, deepcache_unet.SUPPORTED),
     )),
 }
 
