@@ -64,6 +64,18 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _gated_residual(norm_type: str, gate: Optional[torch.Tensor], out: torch.Tensor,
+                    hidden_states: torch.Tensor) -> torch.Tensor:
+    """``hidden_states + gate * out`` as diffusers' block adds an op's output: the adaLN gate for
+    ada_norm_zero ``[B, C]`` and ada_norm_single ``[B, 1, C]``, none for the other norms."""
+    if norm_type == "ada_norm_zero":
+        out = gate.unsqueeze(1) * out
+    elif norm_type == "ada_norm_single":
+        out = gate * out
+    hidden_states = out + hidden_states
+    return hidden_states.squeeze(1) if hidden_states.ndim == 4 else hidden_states
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -283,6 +295,7 @@ class ToMeDiffusers(MethodPatch):
         """diffusers' ``BasicTransformerBlock.forward`` for the supported norm types, with the ops inserted."""
         norm_type, batch = block.norm_type, hidden_states.shape[0]
         kwargs = dict(cross_attention_kwargs or {})
+        gate_msa = gate_mlp = None  # the adaLN gates, for the norm types that have them
         # 0. Self-attention input (norm1 and its modulation).
         if norm_type == "ada_norm":
             normed = block.norm1(hidden_states, timestep)
@@ -309,13 +322,7 @@ class ToMeDiffusers(MethodPatch):
             context = encoder_hidden_states if block.only_cross_attention else None
         out = unmerge(block.attn1(merge(normed), encoder_hidden_states=context, attention_mask=attention_mask,
                                   **kwargs))
-        if norm_type == "ada_norm_zero":
-            out = gate_msa.unsqueeze(1) * out
-        elif norm_type == "ada_norm_single":
-            out = gate_msa * out
-        hidden_states = out + hidden_states
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.squeeze(1)
+        hidden_states = _gated_residual(norm_type, gate_msa, out, hidden_states)
 
         # 2. Cross-attention (PixArt feeds the residual stream itself, without norm2).
         if block.attn2 is not None:
@@ -346,15 +353,7 @@ class ToMeDiffusers(MethodPatch):
             out = self._chunked_ff(block.ff, normed, dim, chunk)
         else:  # merged token counts need not divide the chunk size; chunking does not change the result
             out = block.ff(normed)
-        out = unmerge(out)
-        if norm_type == "ada_norm_zero":
-            out = gate_mlp.unsqueeze(1) * out
-        elif norm_type == "ada_norm_single":
-            out = gate_mlp * out
-        hidden_states = out + hidden_states
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.squeeze(1)
-        return hidden_states
+        return _gated_residual(norm_type, gate_mlp, unmerge(out), hidden_states)
 
     # -- reporting ------------------------------------------------------------------------------
     def last_call(self) -> Optional[Dict[str, Any]]:
