@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .merge import match_sets, unit_rows
+
 __all__ = ["GridMatch", "grid_destinations", "bipartite_soft_matching_random2d", "downsample_tokens"]
 
 
@@ -119,15 +121,9 @@ def bipartite_soft_matching_random2d(metric: torch.Tensor, w: int, h: int, sx: i
             unm_idx = torch.arange(num_a, device=metric.device).expand(batch, -1)
             empty = unm_idx[:, :0]
             return GridMatch(n, a_idx, b_idx, unm_idx, empty, empty)
-        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        a = m.gather(1, _expand(a_idx, batch, c))
-        b = m.gather(1, _expand(b_idx, batch, c))
-        scores = a @ b.transpose(-1, -2)  # [B, Na, Nb] cosine similarities
-        best, best_idx = scores.max(dim=-1)
-        order = best.argsort(dim=-1, descending=True, stable=True)
-        src_idx = order[:, :r]
-        unm_idx = order[:, r:]
-        dst_idx = best_idx.gather(1, src_idx)
+        m = unit_rows(metric)
+        unm_idx, src_idx, dst_idx = match_sets(m.gather(1, _expand(a_idx, batch, c)),
+                                               m.gather(1, _expand(b_idx, batch, c)), r)
     return GridMatch(n, a_idx, b_idx, unm_idx, src_idx, dst_idx)
 
 
