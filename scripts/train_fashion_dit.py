@@ -30,7 +30,7 @@ from accel.pipelines.data import FASHION_CLASSES, load_fashion_mnist  # noqa: E4
 from accel.pipelines.fashion_dit import (  # noqa: E402
     NULL_CLASS, assemble_dit_pipeline, build_transformer, load_fashion_dit, save_dit_pipeline,
 )
-from accel.pipelines.fashion_sd import generated_class_accuracy, noise_scheduler_config, to_vae_range  # noqa: E402
+from accel.pipelines.fashion_sd import encode_latents, generated_class_accuracy, training_noise  # noqa: E402
 from accel.pipelines.fashion_vit import load_fashion_vit  # noqa: E402
 from accel.pipelines.training import add_training_args, batch_indices, step_generator, train_loop  # noqa: E402
 
@@ -48,15 +48,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "fashion-dit")
     args = parser.parse_args()
 
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
     from diffusers.models.embeddings import LabelEmbedding
 
     train_x, train_y = load_fashion_mnist("train", root=args.data_root)
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
-    with torch.inference_mode():  # the frozen autoencoder runs once, up front
-        latents = torch.cat([vae.encode(to_vae_range(train_x[i:i + 1000])).latent_dist.mode()
-                             for i in range(0, len(train_x), 1000)]) * vae.config.scaling_factor
-    noise_schedule = DDPMScheduler(**{k: v for k, v in noise_scheduler_config().items() if k != "set_alpha_to_one"})
+    latents = encode_latents(vae, train_x)  # the frozen autoencoder runs once, up front
+    noised = training_noise()
 
     torch.manual_seed(args.seed)
     transformer = build_transformer()
@@ -69,10 +67,8 @@ def main() -> None:
         gen = step_generator(args.seed, step)
         labels = train_y[idx].clone()
         labels[torch.rand(len(idx), generator=gen) < args.uncond_prob] = NULL_CLASS
-        z0 = latents[idx]
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(idx),), generator=gen)
-        pred = transformer(noise_schedule.add_noise(z0, noise, t), timestep=t, class_labels=labels).sample
+        noisy, noise, t = noised(latents[idx], gen)
+        pred = transformer(noisy, timestep=t, class_labels=labels).sample
         return F.mse_loss(pred, noise)
 
     step, total = train_loop(transformer, loss_at, num_items=len(train_x), args=args)

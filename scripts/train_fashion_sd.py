@@ -27,7 +27,7 @@ from accel.eval.report import replace_section  # noqa: E402
 from accel.pipelines.data import FASHION_CLASSES, load_fashion_mnist  # noqa: E402
 from accel.pipelines.fashion_clip import CAPTION_TEMPLATES, MAX_TOKENS, load_fashion_clip  # noqa: E402
 from accel.pipelines.fashion_sd import (  # noqa: E402
-    assemble_pipeline, build_unet, generated_class_accuracy, load_fashion_sd, noise_scheduler_config, to_vae_range,
+    assemble_pipeline, build_unet, encode_latents, generated_class_accuracy, load_fashion_sd, training_noise,
 )
 from accel.pipelines.fashion_vit import load_fashion_vit  # noqa: E402
 from accel.pipelines.tokenizer import write_vocab_files  # noqa: E402
@@ -66,18 +66,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "fashion-sd")
     args = parser.parse_args()
 
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
 
     train_x, train_y = load_fashion_mnist("train", root=args.data_root)
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
     text_encoder, tokenizer = text_tower(args.clip)
-    with torch.inference_mode():  # the frozen parts run once, up front
-        latents = torch.cat([vae.encode(to_vae_range(train_x[i:i + 1000])).latent_dist.mode()
-                             for i in range(0, len(train_x), 1000)]) * vae.config.scaling_factor
+    latents = encode_latents(vae, train_x)  # the frozen parts run once, up front
+    with torch.inference_mode():
         captions = [[t.format(name) for t in CAPTION_TEMPLATES] for name in FASHION_CLASSES]
         caption_states = torch.stack([encode_prompts(text_encoder, tokenizer, c) for c in captions])  # [10, T, L, W]
         empty_state = encode_prompts(text_encoder, tokenizer, [""])[0]
-    noise_schedule = DDPMScheduler(**{k: v for k, v in noise_scheduler_config().items() if k != "set_alpha_to_one"})
+    noised = training_noise()
 
     torch.manual_seed(args.seed)
     unet = build_unet(cross_attention_dim=text_encoder.config.hidden_size)
@@ -88,10 +87,8 @@ def main() -> None:
         templates = torch.randint(0, len(CAPTION_TEMPLATES), (len(idx),), generator=gen)
         states = caption_states[train_y[idx], templates].clone()
         states[torch.rand(len(idx), generator=gen) < args.uncond_prob] = empty_state
-        z0 = latents[idx]
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(idx),), generator=gen)
-        pred = unet(noise_schedule.add_noise(z0, noise, t), t, encoder_hidden_states=states).sample
+        noisy, noise, t = noised(latents[idx], gen)
+        pred = unet(noisy, t, encoder_hidden_states=states).sample
         return F.mse_loss(pred, noise)
 
     step, total = train_loop(unet, loss_at, num_items=len(train_x), args=args)

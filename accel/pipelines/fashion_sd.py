@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .data import ASSETS, FASHION_CLASSES, prompt_for
 
 __all__ = ["IMAGE_SIZE", "PAD", "to_vae_range", "from_vae_range", "build_vae", "build_unet",
-           "noise_scheduler_config", "assemble_pipeline", "load_fashion_sd", "generate",
+           "noise_scheduler_config", "encode_latents", "training_noise", "assemble_pipeline", "load_fashion_sd", "generate",
            "generated_class_accuracy"]
 
 FASHION_SD_DIR = ASSETS / "fashion-sd"
@@ -66,6 +66,28 @@ def noise_scheduler_config() -> Dict[str, Any]:
     """Stable Diffusion's noise schedule (scaled-linear betas), epsilon prediction."""
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+@torch.inference_mode()
+def encode_latents(vae: Any, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """uint8 ``[N, 28, 28]`` -> the frozen autoencoder's latents times its scaling factor, ``[N, 4, 16, 16]``."""
+    latents = [vae.encode(to_vae_range(images[i:i + batch])).latent_dist.mode() for i in range(0, len(images), batch)]
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+def training_noise():
+    """A function ``(z0, generator) -> (noisy latents, noise, timesteps)``: Stable Diffusion's
+    schedule at uniformly drawn training timesteps (Ho et al., 2020, Alg. 1)."""
+    from diffusers import DDPMScheduler
+
+    schedule = DDPMScheduler(**{k: v for k, v in noise_scheduler_config().items() if k != "set_alpha_to_one"})
+
+    def noised(z0: torch.Tensor, gen: torch.Generator):
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, schedule.config.num_train_timesteps, (len(z0),), generator=gen)
+        return schedule.add_noise(z0, noise, t), noise, t
+
+    return noised
 
 
 def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any):
