@@ -117,15 +117,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.report:
         import datetime
 
-        import torch
-
-        from .eval.report import replace_section
+        from .eval.report import machine_description, replace_section
 
         argv = [a for a in args.argv[1:] if not a.startswith("--report") and a != args.report]
         command = " ".join(["accel bench"] + argv)
         replace_section(Path(args.report), "accel_bench", (
-            f"Measured {datetime.date.today().isoformat()} on {platform.machine()} CPU, {torch.get_num_threads()} "
-            f"threads, torch {torch.__version__}. Command: `{command}`\n\n" + "\n\n".join(tables)))
+            f"Measured {datetime.date.today().isoformat()} on {machine_description()}. Command: `{command}`\n\n"
+            + "\n\n".join(tables)))
         print(f"wrote the tables to {args.report}")
     return 0
 

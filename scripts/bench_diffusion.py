@@ -18,9 +18,7 @@ run's, with the latents' own range as the peak. Writes docs/bench_diffusion.json
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
-from accel.eval.report import format_table, replace_section  # noqa: E402
+from accel.eval.report import format_table, replace_section, run_meta  # noqa: E402
 from accel.eval.timing import time_interleaved  # noqa: E402
 
 # runwayml/stable-diffusion-v1-5's unet/config.json (the fields that differ from diffusers' defaults)
@@ -213,13 +211,8 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    import diffusers
-
-    machine = (f"{platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}, "
-               f"diffusers {diffusers.__version__}, Python {platform.python_version()}")
-    meta = {"date": datetime.date.today().isoformat(), "machine": machine, "dtype": "float32",
-            "weights": f"seeded random (seed {args.seed})",
-            "command": " ".join(["python scripts/bench_diffusion.py"] + sys.argv[1:])}
+    meta = run_meta(" ".join(["python scripts/bench_diffusion.py"] + sys.argv[1:]), args.seed, "diffusers")
+    machine = meta["machine"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.section}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     replace_section(args.out / "benchmarks.md", args.section, (

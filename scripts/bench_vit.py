@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -25,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
 from accel.eval.bench import compare_variants, patched_copy  # noqa: E402
-from accel.eval.report import BENCH_COLUMNS, format_table, replace_section  # noqa: E402
+from accel.eval.report import BENCH_COLUMNS, format_table, replace_section, run_meta  # noqa: E402
 
 
 def _list(cast):
@@ -89,12 +87,8 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    import timm
-
-    machine = (f"{platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}, "
-               f"timm {timm.__version__}, Python {platform.python_version()}")
-    meta = {"date": datetime.date.today().isoformat(), "machine": machine, "dtype": "float32",
-            "weights": f"seeded random (seed {args.seed})", "command": " ".join(["python scripts/bench_vit.py"] + sys.argv[1:])}
+    meta = run_meta(" ".join(["python scripts/bench_vit.py"] + sys.argv[1:]), args.seed, "timm")
+    machine = meta["machine"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_vit.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     section = (

@@ -5,7 +5,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-__all__ = ["Column", "BENCH_COLUMNS", "ACCURACY_COLUMNS", "format_table", "replace_section"]
+__all__ = ["Column", "BENCH_COLUMNS", "ACCURACY_COLUMNS", "format_table", "replace_section", "machine_description",
+           "run_meta"]
 
 Column = Tuple[str, str, str]  # (key in the row dict, header, format spec)
 
@@ -62,3 +63,22 @@ def replace_section(path: Path, name: str, content: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text.lstrip("\n"))
+
+
+def machine_description(*packages: str) -> str:
+    """Where figures were measured: ``"x86_64 CPU, 2 threads; torch 2.x, timm 1.x, Python 3.11.7"``."""
+    import importlib
+    import platform
+
+    import torch
+
+    versions = ", ".join(f"{name} {importlib.import_module(name).__version__}" for name in ("torch",) + packages)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads; {versions}, Python {platform.python_version()}"
+
+
+def run_meta(command: str, seed: int, *packages: str) -> Dict[str, Any]:
+    """The record a benchmark script keeps beside its rows: date, machine, dtype, weights, command."""
+    import datetime
+
+    return {"date": datetime.date.today().isoformat(), "machine": machine_description(*packages),
+            "dtype": "float32", "weights": f"seeded random (seed {seed})", "command": command}
