@@ -34,7 +34,8 @@ from accel.eval.timing import time_interleaved  # noqa: E402
 
 # runwayml/stable-diffusion-v1-5's unet/config.json (the fields that differ from diffusers' defaults)
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 TINY_UNET = dict(sample_size=16, cross_attention_dim=32, attention_head_dim=2, block_out_channels=(32, 64),
                  layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -15,7 +15,6 @@ every class at 20 steps and the fashion-vit classifier checks them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from accel.pipelines.data import FASHION_CLASSES, load_fashion_mnist  # noqa: E4
 from accel.pipelines.fashion_dit import (  # noqa: E402
     NULL_CLASS, assemble_dit_pipeline, build_transformer, load_fashion_dit, save_dit_pipeline,
 )
-from accel.pipelines.fashion_sd import encode_latents, generated_class_accuracy, training_noise  # noqa: E402
+from accel.pipelines.fashion_sd import encode_latents, training_noise, write_generation_metrics  # noqa: E402
 from accel.pipelines.fashion_vit import load_fashion_vit  # noqa: E402
 from accel.pipelines.training import add_training_args, batch_indices, step_generator, train_loop  # noqa: E402
 
@@ -74,14 +73,11 @@ def main() -> None:
     step, total = train_loop(transformer, loss_at, num_items=len(train_x), args=args)
     pipe = assemble_dit_pipeline(transformer.eval(), vae)
     save_dit_pipeline(pipe, args.out)
-    shipped = load_fashion_dit(args.out)
-    accuracy = generated_class_accuracy(shipped, load_fashion_vit(args.classifier), args.eval_per_class,
-                                        args.eval_steps, args.guidance, args.seed)
-    metrics = {"generated_class_accuracy": accuracy, "images": args.eval_per_class * len(FASHION_CLASSES),
-               "inference_steps": args.eval_steps, "guidance_scale": args.guidance, "steps": step,
-               "total_steps": total, "transformer_parameters": sum(p.numel() for p in transformer.parameters())}
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"wrote {args.out}: {json.dumps(metrics)}", flush=True)
+    metrics = write_generation_metrics(
+        args.out, load_fashion_dit(args.out), load_fashion_vit(args.classifier), args.eval_per_class, args.eval_steps,
+        args.guidance, args.seed, steps=step, total_steps=total,
+        transformer_parameters=sum(p.numel() for p in transformer.parameters()))
+    accuracy = metrics["generated_class_accuracy"]
     if args.out.resolve() == (ROOT / "assets" / "fashion-dit").resolve() and step == total:
         replace_section(ROOT / "docs" / "models.md", "fashion-dit", (
             f"**fashion-dit**: diffusers `DiTPipeline` (DiTTransformer2DModel of "

@@ -13,7 +13,6 @@ pipeline generates images for every class at 20 steps and the fashion-vit classi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from accel.eval.report import replace_section  # noqa: E402
 from accel.pipelines.data import FASHION_CLASSES, load_fashion_mnist  # noqa: E402
 from accel.pipelines.fashion_clip import CAPTION_TEMPLATES, MAX_TOKENS, load_fashion_clip  # noqa: E402
 from accel.pipelines.fashion_sd import (  # noqa: E402
-    assemble_pipeline, build_unet, encode_latents, generated_class_accuracy, load_fashion_sd, training_noise,
+    assemble_pipeline, build_unet, encode_latents, load_fashion_sd, training_noise, write_generation_metrics,
 )
 from accel.pipelines.fashion_vit import load_fashion_vit  # noqa: E402
 from accel.pipelines.tokenizer import write_vocab_files  # noqa: E402
@@ -95,14 +94,11 @@ def main() -> None:
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet.eval())
     pipe.save_pretrained(args.out)
     write_vocab_files(tokenizer, args.out / "tokenizer")
-    shipped = load_fashion_sd(args.out)
-    accuracy = generated_class_accuracy(shipped, load_fashion_vit(args.classifier), args.eval_per_class,
-                                             args.eval_steps, args.guidance, args.seed)
-    metrics = {"generated_class_accuracy": accuracy, "images": args.eval_per_class * len(FASHION_CLASSES),
-               "inference_steps": args.eval_steps, "guidance_scale": args.guidance, "steps": step,
-               "total_steps": total, "unet_parameters": sum(p.numel() for p in unet.parameters())}
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"wrote {args.out}: {json.dumps(metrics)}", flush=True)
+    metrics = write_generation_metrics(
+        args.out, load_fashion_sd(args.out), load_fashion_vit(args.classifier), args.eval_per_class, args.eval_steps,
+        args.guidance, args.seed, steps=step, total_steps=total,
+        unet_parameters=sum(p.numel() for p in unet.parameters()))
+    accuracy = metrics["generated_class_accuracy"]
     if args.out.resolve() == (ROOT / "assets" / "fashion-sd").resolve() and step == total:
         replace_section(ROOT / "docs" / "models.md", "fashion-sd", (
             f"**fashion-sd**: diffusers `StableDiffusionPipeline` (AutoencoderKL 1x32x32 <-> 4x16x16, "

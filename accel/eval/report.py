@@ -73,7 +73,8 @@ def machine_description(*packages: str) -> str:
     import torch
 
     versions = ", ".join(f"{name} {importlib.import_module(name).__version__}" for name in ("torch",) + packages)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads; {versions}, Python {platform.python_version()}"
+    return (f"{platform.machine()} CPU, {torch.get_num_threads()} threads; {versions}, "
+            f"Python {platform.python_version()}")
 
 
 def run_meta(command: str, seed: int, *packages: str) -> Dict[str, Any]:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from .data import ASSETS, FASHION_CLASSES, prompt_for
 
 __all__ = ["IMAGE_SIZE", "PAD", "to_vae_range", "from_vae_range", "build_vae", "build_unet",
-           "noise_scheduler_config", "encode_latents", "training_noise", "assemble_pipeline", "load_fashion_sd", "generate",
-           "generated_class_accuracy"]
+           "noise_scheduler_config", "encode_latents", "training_noise", "assemble_pipeline", "load_fashion_sd",
+           "generate", "generated_class_accuracy", "write_generation_metrics"]
 
 FASHION_SD_DIR = ASSETS / "fashion-sd"
 IMAGE_SIZE, PAD = 32, 2  # 28x28 padded to a size the autoencoder halves cleanly
@@ -142,3 +142,16 @@ def generated_class_accuracy(pipe: Any, classifier: Any, per_class: int, steps: 
     labels = torch.arange(len(FASHION_CLASSES)).repeat_interleave(per_class)
     images = generate(pipe, labels, steps, guidance, seed, batch)
     return accuracy(classifier(preprocess(images)), labels)
+
+
+def write_generation_metrics(folder: Path, pipe: Any, classifier: Any, per_class: int, inference_steps: int,
+                             guidance: float, seed: int, **extra: Any) -> Dict[str, Any]:
+    """A trained pipeline's ``metrics.json``: its generated-class accuracy (and ``extra`` entries)."""
+    import json
+
+    accuracy = generated_class_accuracy(pipe, classifier, per_class, inference_steps, guidance, seed)
+    metrics = {"generated_class_accuracy": accuracy, "images": per_class * len(FASHION_CLASSES),
+               "inference_steps": inference_steps, "guidance_scale": guidance, **extra}
+    (Path(folder) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"wrote {folder}: {json.dumps(metrics)}", flush=True)
+    return metrics
