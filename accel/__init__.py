@@ -13,16 +13,21 @@ from __future__ import annotations
 import sys as _sys
 
 from .api import available_methods, describe, patch, patched, unpatch
-from .patches import deepcache, tome
+from .patches import avit, deepcache, early_exit, evit, region_cache, token_exit, tome
+from .patches.avit import AViT
 from .patches.deepcache import DeepCache
+from .patches.early_exit import EarlyExit
+from .patches.evit import EViT
+from .patches.region_cache import RegionCache
+from .patches.token_exit import TokenExit
 from .patches.tome import ToMe
 
 __version__ = "0.1.0"
 
 # ``from accel.tome import ...`` works like ``accel.tome.<name>``: each method's package is
 # reachable from the top (DESIGN.md, section 1).
-_sys.modules[__name__ + ".tome"] = tome
-_sys.modules[__name__ + ".deepcache"] = deepcache
+for _package in (tome, deepcache, avit, evit, early_exit, token_exit, region_cache):
+    _sys.modules[__name__ + "." + _package.__name__.rsplit(".", 1)[1]] = _package
 
 __all__ = [
     "patch",
@@ -34,5 +39,15 @@ __all__ = [
     "tome",
     "DeepCache",
     "deepcache",
+    "AViT",
+    "avit",
+    "EViT",
+    "evit",
+    "EarlyExit",
+    "early_exit",
+    "TokenExit",
+    "token_exit",
+    "RegionCache",
+    "region_cache",
     "__version__",
 ]

@@ -11,11 +11,21 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .families import family, is_compiled_module, is_timm_vit
 from .patches.base import MethodPatch
+from .patches.avit import AViT
+from .patches.avit import timm as avit_timm
 from .patches.deepcache import DeepCache
 from .patches.deepcache import unet as deepcache_unet
+from .patches.early_exit import EarlyExit
+from .patches.early_exit import timm as early_exit_timm
+from .patches.evit import EViT
+from .patches.evit import timm as evit_timm
+from .patches.region_cache import RegionCache
+from .patches.region_cache import diffusers as region_cache_diffusers
 from .patches.tome import ToMe
 from .patches.tome import diffusers as tome_diffusers
 from .patches.tome import timm as tome_timm
+from .patches.token_exit import TokenExit
+from .patches.token_exit import timm as token_exit_timm
 
 __all__ = ["patch", "unpatch", "patched", "describe", "get_patch", "available_methods"]
 
@@ -47,7 +57,24 @@ _METHODS: Dict[str, Method] = {
     "deepcache": Method(DeepCache.coerce, (
         Adapter(deepcache_unet.matches, deepcache_unet.DeepCacheUNet, deepcache_unet.SUPPORTED),
     )),
+    "avit": Method(AViT.coerce, (Adapter(is_timm_vit, avit_timm.AViTTimm, avit_timm.SUPPORTED),)),
+    "evit": Method(EViT.coerce, (Adapter(is_timm_vit, evit_timm.EViTTimm, evit_timm.SUPPORTED),)),
+    "early_exit": Method(EarlyExit.coerce, (
+        Adapter(is_timm_vit, early_exit_timm.EarlyExitTimm, early_exit_timm.SUPPORTED),
+    )),
+    "token_exit": Method(TokenExit.coerce, (
+        Adapter(is_timm_vit, token_exit_timm.TokenExitTimm, token_exit_timm.SUPPORTED),
+    )),
+    "region_cache": Method(RegionCache.coerce, (
+        Adapter(region_cache_diffusers.matches, region_cache_diffusers.RegionCacheDiT,
+                region_cache_diffusers.SUPPORTED),
+    )),
 }
+
+# Each of these decides which tokens (or images) a ViT's blocks compute, assuming it alone does:
+# two of them on one model do not compose, so patching a second one raises instead of giving
+# silently wrong results.
+_EXCLUSIVE = frozenset({"tome", "avit", "evit", "token_exit", "early_exit"})
 
 
 def available_methods() -> Tuple[str, ...]:
@@ -83,6 +110,16 @@ def _check_method_names(names: Any, caller: str) -> None:
             )
 
 
+def _check_exclusive(obj: Any, methods: Dict[str, Any]) -> None:
+    wanted = (set(_records(obj)) | set(methods)) & _EXCLUSIVE
+    if len(wanted) > 1:
+        on = ", ".join(sorted(set(_records(obj)) & _EXCLUSIVE)) or "nothing"
+        raise ValueError(
+            f"accel.patch: {', '.join(sorted(wanted))} each decide which tokens the blocks of "
+            f"{family(obj)} compute and do not compose; patch one of them (already patched: {on})"
+        )
+
+
 def _build(name: str, obj: Any, value: Any) -> MethodPatch:
     method = _METHODS[name]
     config = method.coerce(value)
@@ -109,6 +146,7 @@ def patch(obj: Any, **methods: Any) -> Any:
             f"accel.patch: name at least one method, e.g. tome=16; available: {', '.join(sorted(_METHODS))}"
         )
     _check_method_names(methods, "patch")
+    _check_exclusive(obj, methods)
     new = {name: _build(name, obj, value) for name, value in methods.items()}  # validates; no change yet
 
     before = dict(_records(obj))

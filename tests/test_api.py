@@ -47,7 +47,7 @@ def setup():
         (dict(tome=0.5), ValueError, "need r"),
         (dict(tome=dict(r=4, inflect=2.0)), ValueError, r"inflect must be in \[-1, 1\]"),
         (dict(tome=dict(r=4, prop_attn="yes")), TypeError, "prop_attn must be a bool"),
-        (dict(tomee=4), ValueError, "unknown method 'tomee'; available: deepcache, tome"),
+        (dict(tomee=4), ValueError, "unknown method 'tomee'; available: avit, deepcache, early_exit, evit, region_cache, token_exit, tome"),
         (dict(), ValueError, "name at least one method"),
     ],
 )
@@ -196,3 +196,15 @@ def test_from_accel_tome_import():
     from accel.tome import ToMe, bipartite_soft_matching  # noqa: F401
 
     assert accel.tome.ToMe is accel.ToMe
+
+
+def test_methods_that_each_own_the_vit_token_set_do_not_compose():
+    vit = make_vit()
+    accel.patch(vit, tome=2)
+    with pytest.raises(ValueError, match=r"evit, tome each decide which tokens .*already patched: tome\)"):
+        accel.patch(vit, evit=0.7)
+    assert list(accel.describe(vit)["methods"]) == ["tome"]
+    accel.unpatch(vit)
+    with pytest.raises(ValueError, match=r"avit, tome each decide"):
+        accel.patch(vit, tome=2, avit={})
+    assert accel.describe(vit)["methods"] == {}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ...families import qualified_name
 from ..base import MethodPatch
+from ..vit_block import attn_residual, is_post_norm, merge_heads, mlp_residual, split_heads, vit_blocks
 from .config import ToMe
 from .merge import bipartite_soft_matching, initial_source, merge_source, merge_weighted
 
@@ -52,22 +53,12 @@ def attention_with_size(attn: Any, x: torch.Tensor, size: Optional[torch.Tensor]
     Returns the attention output ``[B, N, C]`` and the metric ``[B, N, head_dim]``: keys (after
     qk-norm) averaged over heads, as in the paper (Sec. 3, "Token Similarity").
     """
-    batch, n, _ = x.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v, gate = split_heads(attn, x)
     bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1).to(q.dtype)  # [B, 1, 1, N]
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
     )
-    out = out.transpose(1, 2).reshape(batch, n, heads * head_dim)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1)
+    return merge_heads(attn, out, gate), k.mean(dim=1)
 
 
 class ToMeTimm(MethodPatch):
@@ -75,27 +66,15 @@ class ToMeTimm(MethodPatch):
 
     def __init__(self, model: Any, config: ToMe) -> None:
         super().__init__(model, config)
-        from timm.layers import Attention
-        from timm.models.vision_transformer import Block, ResPostBlock
-
         name = qualified_name(model)
         if getattr(model, "attn_pool", None) is not None:
             raise TypeError(
                 f"tome: {name} pools with an attention head (global_pool={model.global_pool!r}), which "
                 f"ToMe cannot serve correctly; supported: {SUPPORTED} with global_pool token/avg/avgmax/max/''"
             )
-        blocks = list(getattr(model, "blocks", []))
-        if not blocks:
-            raise TypeError(f"tome: matched no transformer block in {name} (model.blocks is empty)")
-        for i, blk in enumerate(blocks):
-            if type(blk) not in (Block, ResPostBlock) or type(getattr(blk, "attn", None)) is not Attention:
-                attn_name = type(getattr(blk, "attn", None)).__name__
-                raise TypeError(
-                    f"tome: {name}.blocks.{i} is {type(blk).__name__} with {attn_name} attention, which "
-                    f"ToMe cannot serve correctly (rotary, parallel or custom blocks); supported: {SUPPORTED}"
-                )
+        blocks = vit_blocks(model, "tome", SUPPORTED)
         self.blocks = blocks
-        self.post_norm = [type(blk) is ResPostBlock for blk in blocks]
+        self.post_norm = [is_post_norm(blk) for blk in blocks]
         self.schedule = config.per_block_r(len(blocks))
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
 
@@ -136,20 +115,14 @@ class ToMeTimm(MethodPatch):
     def _merge_block(self, block: Any, post_norm: bool, x: torch.Tensor, r: int) -> torch.Tensor:
         state = self.state
         size = state.size if self.config.prop_attn else None
-        if post_norm:
-            attn_out, metric = attention_with_size(block.attn, x, size)
-            x = x + block.drop_path1(block.norm1(attn_out))
-        else:
-            attn_out, metric = attention_with_size(block.attn, block.norm1(x), size)
-            x = x + block.drop_path1(block.ls1(attn_out))
+        attn_out, metric = attention_with_size(block.attn, x if post_norm else block.norm1(x), size)
+        x = attn_residual(block, post_norm, x, attn_out)
         if r > 0:
             match = bipartite_soft_matching(metric, r, protected=self.num_prefix)
             x, state.size = merge_weighted(match, x, state.size)
             if state.source is not None:
                 state.source = merge_source(match, state.source)
-        if post_norm:
-            return x + block.drop_path2(block.norm2(block.mlp(x)))
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return mlp_residual(block, post_norm, x)
 
     def _pool(self, model: Any, call_next: Any, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         size = self.state.size

@@ -1,0 +1,96 @@
+"""timm ViT blocks computed from their own submodules, for methods that change which tokens a
+block sees (ToMe, A-ViT, EViT, token exit).
+
+Every method that rewrites a block forward uses these pieces, so norms, LayerScale, drop-path,
+qk-norm, attention gates and post-norm blocks are handled once and the same way everywhere.
+Shapes: ``x: [B, N, C]``; per-head tensors ``[B, H, N, head_dim]``.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..families import qualified_name
+
+__all__ = ["vit_blocks", "is_post_norm", "split_heads", "merge_heads", "attention", "attn_residual",
+           "mlp_residual", "block_forward"]
+
+
+def vit_blocks(model: Any, method: str, supported: str) -> List[Any]:
+    """``model.blocks`` as a list, each checked to be timm's ``Block``/``ResPostBlock`` with timm's
+    ``Attention``; a ``TypeError`` naming the block and ``supported`` otherwise."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, ResPostBlock
+
+    name = qualified_name(model)
+    blocks = list(getattr(model, "blocks", []))
+    if not blocks:
+        raise TypeError(f"{method}: matched no transformer block in {name} (model.blocks is empty)")
+    for i, blk in enumerate(blocks):
+        if type(blk) not in (Block, ResPostBlock) or type(getattr(blk, "attn", None)) is not Attention:
+            attn_name = type(getattr(blk, "attn", None)).__name__
+            raise TypeError(
+                f"{method}: {name}.blocks.{i} is {type(blk).__name__} with {attn_name} attention, which "
+                f"{method} cannot serve correctly (rotary, parallel or custom blocks); supported: {supported}"
+            )
+    return blocks
+
+
+def is_post_norm(block: Any) -> bool:
+    """timm's ``ResPostBlock`` normalises after the residual branch instead of before it."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    return type(block) is ResPostBlock
+
+
+def split_heads(attn: Any, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """timm ``Attention``'s projections of ``x: [B, N, C]``: ``q, k, v: [B, H, N, head_dim]``
+    (after qk-norm) and the output gate ``[B, N, attn_dim]`` (None for ungated attention)."""
+    batch, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v, gate
+
+
+def merge_heads(attn: Any, out: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out: [B, H, N, head_dim]`` -> timm ``Attention``'s output ``[B, N, C]`` (norm, gate, proj)."""
+    batch, heads, n, head_dim = out.shape
+    out = attn.norm(out.transpose(1, 2).reshape(batch, n, heads * head_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def attention(attn: Any, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """timm ``Attention`` on ``x: [B, N, C]`` with SDPA and an optional float/bool ``attn_mask``
+    broadcastable to ``[B, H, N, N]``."""
+    q, k, v, gate = split_heads(attn, x)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )
+    return merge_heads(attn, out, gate)
+
+
+def attn_residual(block: Any, post_norm: bool, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """``x`` plus the attention branch's output, with the block's LayerScale/drop-path or post-norm."""
+    if post_norm:
+        return x + block.drop_path1(block.norm1(attn_out))
+    return x + block.drop_path1(block.ls1(attn_out))
+
+
+def mlp_residual(block: Any, post_norm: bool, x: torch.Tensor) -> torch.Tensor:
+    """``x`` plus the block's MLP branch."""
+    if post_norm:
+        return x + block.drop_path2(block.norm2(block.mlp(x)))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def block_forward(block: Any, post_norm: bool, x: torch.Tensor,
+                  attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The whole block on ``x: [B, N, C]`` with an optional attention mask."""
+    attn_in = x if post_norm else block.norm1(x)
+    x = attn_residual(block, post_norm, x, attention(block.attn, attn_in, attn_mask))
+    return mlp_residual(block, post_norm, x)
