@@ -1,18 +1,55 @@
-"""EViT adapter for timm models. UNDER CONSTRUCTION."""
+"""EViT adapter for timm ``VisionTransformer``: token reorganisation in a few chosen blocks.
+
+Each reducing block's forward is replaced (through ``accel.hooks``) by the same block computed
+with timm's own submodules (``accel.patches.vit_block``), plus one step between the attention
+residual and the MLP (paper, Fig. 2): the CLS token's head-averaged attention ranks the
+non-prefix tokens, the top ``ceil(keep_rate * n)`` stay and the rest are fused into one token.
+The other blocks, and every block when nothing would be dropped, run timm's original forward.
+
+Prefix tokens (CLS, registers, distillation token) always stay first. The model needs a CLS
+token (its attention is the ranking) and token pooling (``global_pool='token'`` or ``''``): an
+average over kept and fused tokens would not be the model's average any more. ``forward_features``
+returns the reduced tokens ``[B, N', C]``; ``N'`` depends only on ``N`` and the settings, so
+shapes stay static (no host sync).
+"""
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Dict, List, Optional
 
+import torch
+import torch.nn.functional as F
+
+from ...families import qualified_name
 from ..base import MethodPatch
+from ..vit_block import attn_residual, is_post_norm, merge_heads, mlp_residual, split_heads, vit_blocks
 from .config import EViT
+from .keep import cls_attention, keep_and_fuse, num_kept
 
-__all__ = ["EViTTimm", "SUPPORTED", "matches"]
+__all__ = ["EViTTimm", "EViTState", "SUPPORTED", "matches"]
 
-SUPPORTED = "under construction"
+SUPPORTED = (
+    "timm VisionTransformer models with a class token and token pooling (ViT, DeiT, distilled DeiT, "
+    "DeiT-3, register-token variants) built from timm's Block/ResPostBlock and Attention"
+)
 
 
 def matches(obj: Any) -> bool:
-    return False
+    from ...families import is_timm_vit
+
+    return is_timm_vit(obj)
+
+
+class EViTState:
+    """Per-call state of one patched model; reset when block 0 starts a forward pass."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens_in: List[int] = []
+        self.tokens_out: List[int] = []
+        self.kept: Dict[int, torch.Tensor] = {}  # block -> [B, keep] positions kept in that block
 
 
 class EViTTimm(MethodPatch):
@@ -20,4 +57,79 @@ class EViTTimm(MethodPatch):
 
     def __init__(self, model: Any, config: EViT) -> None:
         super().__init__(model, config)
-        raise NotImplementedError("evit: under construction")
+        name = qualified_name(model)
+        if getattr(model, "cls_token", None) is None:
+            raise TypeError(
+                f"evit: {name} has no class token (class_token=False), and EViT ranks tokens by the class "
+                f"token's attention; supported: {SUPPORTED}"
+            )
+        pool = getattr(model, "global_pool", "token")
+        if getattr(model, "attn_pool", None) is not None or pool not in ("token", ""):
+            raise TypeError(
+                f"evit: {name} pools with global_pool={pool!r}; EViT fuses tokens, so only the class token "
+                f"is the model's own output; supported: {SUPPORTED} (global_pool 'token' or '')"
+            )
+        self.blocks = vit_blocks(model, "evit", SUPPORTED)
+        self.post_norm = [is_post_norm(blk) for blk in self.blocks]
+        self.locations = set(config.block_locations(len(self.blocks)))
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    # -- installation ---------------------------------------------------------------------------
+    def _install(self) -> None:
+        self.state = EViTState()
+        for i, blk in enumerate(self.blocks):
+            self.hooks.add(blk, functools.partial(self._block_forward, i))
+            what = f"keep {self.config.keep_rate:g}" if i in self.locations else "count tokens"
+            self.patched_modules[f"blocks.{i}"] = what
+        if callable(getattr(self.target, "forward_intermediates", None)):
+            self.hooks.add(self.target, self._forward_intermediates, "forward_intermediates")
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _block_forward(self, index: int, block: Any, call_next: Any, x: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        state = self.state
+        if index == 0:
+            state.reset()
+        n = x.shape[1]
+        candidates = n - self.num_prefix
+        keep = num_kept(self.config.keep_rate, candidates) if index in self.locations and candidates > 0 else candidates
+        if keep >= candidates:
+            out = call_next(x, attn_mask=attn_mask, is_causal=is_causal)  # timm's own forward
+        elif attn_mask is not None or is_causal:
+            raise ValueError("evit: attn_mask/is_causal cannot be combined with token reduction; unpatch first")
+        else:
+            out = self._reduce_block(index, block, self.post_norm[index], x, keep)
+        if not torch.compiler.is_compiling():
+            state.tokens_in.append(n)
+            state.tokens_out.append(out.shape[1])
+        return out
+
+    def _reduce_block(self, index: int, block: Any, post_norm: bool, x: torch.Tensor, keep: int) -> torch.Tensor:
+        attn = block.attn
+        q, k, v, gate = split_heads(attn, x if post_norm else block.norm1(x))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        x = attn_residual(block, post_norm, x, merge_heads(attn, out, gate))
+        # Reorganise between attention and MLP (paper, Sec. 3.2): the MLP sees the kept tokens only.
+        x, kept = keep_and_fuse(x, cls_attention(q, k, attn.scale), keep, self.num_prefix, self.config.fuse)
+        if not torch.compiler.is_compiling():
+            self.state.kept[index] = kept
+        return mlp_residual(block, post_norm, x)
+
+    def _forward_intermediates(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.config.keep_rate < 1.0 and kwargs.get("output_fmt", "NCHW") != "NLC":
+            raise NotImplementedError(
+                "evit: reduced tokens no longer form a grid, so forward_intermediates works only with "
+                "output_fmt='NLC' while EViT is patched (or unpatch first)"
+            )
+        return call_next(*args, **kwargs)
+
+    # -- reporting ------------------------------------------------------------------------------
+    def last_call(self) -> Optional[Dict[str, Any]]:
+        state = self.state
+        if state is None or not state.tokens_in:
+            return None
+        return {
+            "tokens_in": list(state.tokens_in),
+            "tokens_out": list(state.tokens_out),
+            "reduced_in": sorted(state.kept),
+        }

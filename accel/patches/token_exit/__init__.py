@@ -1,8 +1,29 @@
 """Token exit: tokens whose update became small stop being updated (after SACT, Figurnov et al. 2017).
 
-UNDER CONSTRUCTION: skeleton, filled in by its owner."""
+    accel.patch(vit, token_exit=0.05)           # relative residual norm threshold
+    logits = vit(images)
+    accel.token_exit.depth_map(vit)             # [B, H_patches, W_patches]: blocks each patch ran
+
+Training-free; ``threshold=0`` is the unpatched model. See ``docs/token_exit.md``.
+"""
 from __future__ import annotations
 
-from .config import TokenExit
+from typing import Any
 
-__all__ = ["TokenExit"]
+import torch
+
+from .config import TokenExit
+from .frozen import active_first, exits, relative_update
+
+__all__ = ["TokenExit", "depth_map", "relative_update", "active_first", "exits"]
+
+
+def depth_map(model: Any) -> torch.Tensor:
+    """For the last call of a model patched with ``token_exit``: the number of blocks that updated
+    each patch, ``[B, H_patches, W_patches]`` (the model's depth where a patch never stopped)."""
+    from ...api import get_patch
+
+    patch_ = get_patch(model, "token_exit")
+    if patch_ is None:
+        raise ValueError(f"token_exit.depth_map: {type(model).__name__} is not patched with token_exit")
+    return patch_.depth_map()

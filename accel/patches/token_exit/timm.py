@@ -1,18 +1,79 @@
-"""TokenExit adapter for timm models. UNDER CONSTRUCTION."""
+"""TokenExit adapter for timm ``VisionTransformer``: per-token early exit with real removal.
+
+Every block's forward is hooked (through ``accel.hooks``). While every token is active a block
+runs timm's own forward; once some have stopped, the block is computed from timm's submodules
+(``accel.patches.vit_block``) on the active tokens only:
+
+- keys and values come from all tokens (a stopped token's frozen state is projected with this
+  block's weights, which no cache across blocks could provide);
+- queries, the attention output projection, the residuals and the MLP run on the active tokens,
+  packed across the batch (``[1, M, C]``); only the attention kernel sees queries padded per image
+  to the batch's largest active count, and those padded rows are discarded;
+- the result is scattered back, so stopped tokens keep their frozen state up to the final norm
+  and head (any pooling works unchanged).
+
+Which tokens stop depends on the input: each block with stopped tokens does host syncs for its
+shapes, so ``torch.compile`` needs ``dynamic=True`` (or expect recompiles).
+"""
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...families import is_timm_vit
+from ..avit.halting import halting_score
 from ..base import MethodPatch
+from ..vit_block import attn_residual, is_post_norm, merge_heads, mlp_residual, split_heads, vit_blocks
 from .config import TokenExit
+from .frozen import active_first, exits, relative_update
 
-__all__ = ["TokenExitTimm", "SUPPORTED", "matches"]
+__all__ = ["TokenExitTimm", "TokenExitState", "SUPPORTED", "matches"]
 
-SUPPORTED = "under construction"
+SUPPORTED = (
+    "timm VisionTransformer models (ViT, DeiT, distilled DeiT, DeiT-3, register-token and "
+    "dynamic_img_size variants) built from timm's Block/ResPostBlock and Attention"
+)
 
 
 def matches(obj: Any) -> bool:
-    return False
+    return is_timm_vit(obj)
+
+
+class TokenExitState:
+    """Per-call state of one patched model; reset when block 0 starts a forward pass."""
+
+    def __init__(self) -> None:
+        self.grid: Optional[Tuple[int, int]] = None  # patch grid of the current call (from patch_embed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.active: Optional[torch.Tensor] = None  # [B, N] bool, True = still updated
+        self.depth: Optional[torch.Tensor] = None  # [B, N - prefix] blocks that updated each patch
+        self.cumulative: Optional[torch.Tensor] = None  # [B, N] float32 halting scores so far
+        self.queries: List[int] = []  # per block: tokens entering attention queries (= the MLP)
+        self.tokens: List[int] = []  # per block: all tokens (B * N)
+
+
+def split_projections(attn: Any, h_query: torch.Tensor, h_all: torch.Tensor):
+    """timm ``Attention``'s projections with queries from ``h_query: [B, Q, C]`` only and keys and
+    values from ``h_all: [B, N, C]``: ``q: [B, H, Q, d]``, ``k, v: [B, H, N, d]``, gate of the queries."""
+    if type(attn.qkv) is not nn.Linear:  # unknown projection: project everything, use what is needed
+        q, _, _, gate = split_heads(attn, h_query)
+        _, k, v, _ = split_heads(attn, h_all)
+        return q, k, v, gate
+    dim, heads, head_dim = attn.num_heads * attn.head_dim, attn.num_heads, attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    gate = attn.gate(h_query).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q = F.linear(h_query, weight[:dim], None if bias is None else bias[:dim])
+    kv = F.linear(h_all, weight[dim:], None if bias is None else bias[dim:])
+    batch, n, _ = h_all.shape
+    q = q.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+    k, v = kv.reshape(batch, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v, gate
 
 
 class TokenExitTimm(MethodPatch):
@@ -20,4 +81,108 @@ class TokenExitTimm(MethodPatch):
 
     def __init__(self, model: Any, config: TokenExit) -> None:
         super().__init__(model, config)
-        raise NotImplementedError("token_exit: under construction")
+        self.blocks = vit_blocks(model, "token_exit", SUPPORTED)
+        if config.min_depth > len(self.blocks):
+            raise ValueError(
+                f"token_exit: min_depth={config.min_depth} exceeds the model's {len(self.blocks)} blocks"
+            )
+        self.post_norm = [is_post_norm(blk) for blk in self.blocks]
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    # -- installation ---------------------------------------------------------------------------
+    def _install(self) -> None:
+        self.state = TokenExitState()
+        for i, blk in enumerate(self.blocks):
+            self.hooks.add(blk, functools.partial(self._block_forward, i))
+            self.patched_modules[f"blocks.{i}"] = f"active tokens only; exit below {self.config.threshold:g}"
+        self.hooks.add(self.target.patch_embed, self._patch_embed)
+        self.patched_modules["patch_embed"] = "record the patch grid"
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _patch_embed(self, module: Any, call_next: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = call_next(x, *args, **kwargs)
+        feats = out[0] if isinstance(out, tuple) else out
+        if feats.dim() == 4:  # NHWC (dynamic_img_size)
+            self.state.grid = (int(feats.shape[1]), int(feats.shape[2]))
+        elif callable(getattr(module, "dynamic_feat_size", None)):
+            self.state.grid = tuple(int(s) for s in module.dynamic_feat_size(tuple(x.shape[-2:])))
+        else:
+            self.state.grid = tuple(int(s) for s in module.grid_size)
+        return out
+
+    def _block_forward(self, index: int, block: Any, call_next: Any, x: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        state = self.state
+        batch, n, _ = x.shape
+        if index == 0 or state.active is None or state.active.shape != (batch, n):
+            state.reset()
+            state.active = torch.ones(batch, n, dtype=torch.bool, device=x.device)
+            state.depth = torch.full((batch, n - self.num_prefix), len(self.blocks), dtype=torch.long,
+                                     device=x.device)
+            state.cumulative = torch.zeros(batch, n, device=x.device)
+        active = state.active
+        if bool(active.all()):  # nothing stopped yet: timm's own forward, masks and all
+            out = call_next(x, attn_mask=attn_mask, is_causal=is_causal)
+            count = batch * n
+        elif attn_mask is not None or is_causal:
+            raise ValueError("token_exit: attn_mask/is_causal cannot be combined with stopped tokens; unpatch first")
+        else:
+            out, count = self._active_block(block, self.post_norm[index], x, active)
+        state.queries.append(count)
+        state.tokens.append(batch * n)
+        depth, config = index + 1, self.config
+        if depth < len(self.blocks) and not config.never_exits():
+            halted = None
+            if config.halting:  # A-ViT's cumulative halting score (Sec. 3), accumulated from block 1
+                score = halting_score(out, config.gamma, config.beta)
+                state.cumulative = state.cumulative + torch.where(active, score, torch.zeros_like(score))
+                halted = state.cumulative >= 1.0 - config.eps
+            if depth >= config.min_depth:
+                # SACT-style halting without a trained halting unit: stop when the block barely
+                # moved the token (relative residual norm under the threshold).
+                stop = exits(active, relative_update(out, x), config.threshold, self.num_prefix, halted)
+                state.depth = torch.where(stop[:, self.num_prefix:], depth, state.depth)
+                state.active = active & ~stop
+        return out
+
+    def _active_block(self, block: Any, post_norm: bool, x: torch.Tensor, active: torch.Tensor):
+        """The block on the active tokens of ``x: [B, N, C]``; stopped ones are keys/values only."""
+        attn = block.attn
+        channels = x.shape[-1]
+        h = x if post_norm else block.norm1(x)
+        order, valid = active_first(active)  # [B, Q]
+        h_query = h.gather(1, order.unsqueeze(-1).expand(-1, -1, channels))
+        q, k, v, gate = split_projections(attn, h_query, h)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        out = out.transpose(1, 2)[valid].transpose(0, 1).unsqueeze(0)  # packed: [1, H, M, d]
+        attn_out = merge_heads(attn, out, None if gate is None else gate[valid].unsqueeze(0))
+        packed = attn_residual(block, post_norm, x[active].unsqueeze(0), attn_out)  # [1, M, C]
+        packed = mlp_residual(block, post_norm, packed)
+        result = x.clone()
+        result[active] = packed[0]
+        return result, packed.shape[1]
+
+    # -- reporting ------------------------------------------------------------------------------
+    def depth_map(self) -> torch.Tensor:
+        """Blocks that updated each patch in the last call, ``[B, H_patches, W_patches]``."""
+        state = self.state
+        if state is None or state.depth is None:
+            raise RuntimeError("token_exit: no call yet; run the model once, then ask for the depth map")
+        batch, patches = state.depth.shape
+        grid = state.grid
+        if grid is None or grid[0] * grid[1] != patches:
+            raise RuntimeError(f"token_exit: the {patches} patch tokens of the last call do not form the "
+                               f"patch grid {grid} (patch dropout?); no depth map")
+        return state.depth.reshape(batch, grid[0], grid[1])
+
+    def last_call(self) -> Optional[Dict[str, Any]]:
+        state = self.state
+        if state is None or not state.queries:
+            return None
+        depth = state.depth.float()
+        return {
+            "active_tokens": list(state.queries),  # entering each block's attention queries and MLP
+            "tokens": list(state.tokens),
+            "mean_depth": float(depth.mean()) if depth.numel() else float(len(self.blocks)),
+            "blocks": len(self.blocks),
+        }
