@@ -398,3 +398,13 @@ def test_matches_and_describe(dit_pipe):
         assert info["last_call"] is None
         assert get_patch(dit_pipe, "region_cache") is not None
     assert get_patch(dit_pipe, "region_cache") is None
+
+
+def test_refuses_a_model_patched_with_tome():
+    model = dit()
+    accel.patch(model, tome=0.5)
+    with pytest.raises(ValueError, match="tome"):
+        accel.patch(model, region_cache=0.5)
+    assert get_patch(model, "region_cache") is None and get_patch(model, "tome") is not None
+    accel.unpatch(model)
+    assert hooked(model) == []

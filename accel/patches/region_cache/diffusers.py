@@ -8,9 +8,9 @@ step computes only the chosen tokens (``regions.select_tokens`` on the previous 
 - the first block's hook gathers the chosen tokens ``[B, N, C] -> [B, k, C]``; the blocks then run
   diffusers' own forward on them: every op of a ``BasicTransformerBlock`` is per token (norms,
   adaLN modulation and gates, cross-attention queries, feed-forward) except self-attention;
-- ``attn1``'s hook gives self-attention all ``N`` tokens as keys/values (RAS, Sec. 3.3): the
-  chosen tokens' current inputs, the others' inputs from the step they were last computed (the
-  cache is updated with the chosen tokens). Caching the attention input instead of K/V keeps the
+- ``attn1``'s hook gives self-attention all ``N`` tokens as keys/values, as RAS does: the chosen
+  tokens' current inputs, the others' inputs from the step they were last computed (the cache
+  is updated with the chosen tokens). Caching the attention input instead of K/V keeps the
   attention processor, LoRA and qk-norm as they are; it costs the K/V projections of the skipped
   tokens, the queries, attention rows and MLP run on ``k`` tokens only;
 - the last block's hook scatters them back to ``N`` tokens for the output head; the skipped
@@ -124,9 +124,15 @@ class RegionCacheDiT(MethodPatch):
         super().__init__(obj, config)
         from diffusers.models.attention import BasicTransformerBlock
 
+        from ...api import get_patch
+
         model = _model_of(obj)
         if model is None:
             raise TypeError(f"region_cache: {qualified_name(obj)} is not supported; supported: {SUPPORTED}")
+        if any(get_patch(o, "tome") is not None for o in (obj, model)):
+            # both decide which tokens the blocks compute; ToMe's merged attention input is not per token
+            raise ValueError("region_cache: tome is patched on this model; region_cache and tome do not compose, "
+                             "unpatch tome first")
         self.model = model
         self.pipe = None if model is obj else obj
         self.prefix = "" if self.pipe is None else "transformer."
@@ -259,7 +265,7 @@ class RegionCacheDiT(MethodPatch):
                 and len(state.kv) == len(self.blocks)):
             chosen = self._choose(batch, h, w, count, x.device)
         if chosen is None:  # full step: diffusers' forward, recording every block's attn1 input
-            state.kv, state.recording = {}, True
+            state.kv, state.recording, state.grid = {}, True, (h, w)
             try:
                 out = call_next(*args, **kwargs)
             finally:
@@ -310,11 +316,12 @@ class RegionCacheDiT(MethodPatch):
         if state is None:
             return call_next(hidden_states, *args, **kwargs)
         if state.recording:  # full step: every token's attention input, the K/V source of cached steps
-            state.kv[index] = hidden_states
+            if hidden_states.ndim == 3 and hidden_states.shape[1] == state.grid[0] * state.grid[1]:
+                state.kv[index] = hidden_states  # (anything else leaves the cache incomplete: next step full)
             return call_next(hidden_states, *args, **kwargs)
         if state.plan is None:
             return call_next(hidden_states, *args, **kwargs)
-        # RAS, Sec. 3.3: chosen queries attend to all tokens; skipped ones from their last computation
+        # RAS: chosen queries attend to all tokens; skipped ones from their last computation
         context = state.kv[index].scatter(1, _rows(state.plan.chosen, hidden_states.shape[-1]), hidden_states)
         state.kv[index] = context
         if args:

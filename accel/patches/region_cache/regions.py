@@ -25,7 +25,7 @@ def token_scores(output: torch.Tensor, previous: Optional[torch.Tensor], patch: 
     """Focus score of each patch token: output, previous: [B, C, H, W] -> [B, N] float32.
 
     ``delta``: ||output - previous|| over the patch's values; ``std``/``l2norm``: the standard
-    deviation / norm of the patch's output values (RAS, Sec. 3: the metric on the predicted noise).
+    deviation / norm of the patch's output values (RAS scores the predicted noise with either).
     """
     out = _patches(output.float(), patch)
     if metric == "delta":
