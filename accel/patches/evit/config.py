@@ -79,5 +79,6 @@ class EViT:
         if isinstance(value, dict):
             return cls(**value)
         raise TypeError(
-            f"evit: expected accel.EViT(...), a float keep rate in (0, 1] or a dict of settings; got {type(value).__name__}"
+            "evit: expected accel.EViT(...), a float keep rate in (0, 1] or a dict of settings; "
+            f"got {type(value).__name__}"
         )

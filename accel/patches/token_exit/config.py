@@ -36,7 +36,8 @@ class TokenExit:
     def __post_init__(self) -> None:
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise TypeError(f"TokenExit: threshold must be a float >= 0 (relative residual norm); got {type(t).__name__}")
+            raise TypeError(f"TokenExit: threshold must be a float >= 0 (relative residual norm); "
+                            f"got {type(t).__name__}")
         if not math.isfinite(t) or t < 0:
             raise ValueError(f"TokenExit: threshold must be a finite float >= 0 (relative residual norm); got {t}")
         object.__setattr__(self, "threshold", float(t))
