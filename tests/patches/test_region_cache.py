@@ -288,7 +288,8 @@ def test_guidance_halves_share_the_choice_made_on_the_guided_output(kind, batch,
     step = pipe.scheduler.step
     pipe.scheduler.step = lambda model_output, *a, **kw: (sources.append(model_output.clone()),
                                                           step(model_output, *a, **kw))[1]
-    handle = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out.sample.clone()))
+    handle = pipe.transformer.register_forward_hook(
+        lambda m, a, out: outputs.append((out[0] if isinstance(out, tuple) else out.sample).clone()))
     try:
         with accel.patched(pipe, region_cache=cfg):
             draw(pipe, steps=6, batch=batch)

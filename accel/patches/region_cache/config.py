@@ -37,7 +37,8 @@ class RegionCache:
         or ``"l2norm"`` the norm of the token's output (RAS's two metrics). Highest scores are
         recomputed. ``"delta"`` needs ``warmup >= 2`` (two outputs to compare).
     starvation: a skipped token's score is multiplied by ``exp(starvation * steps skipped)``
-        (RAS's starvation scale) so no region is cached for long; 0 = off.
+        (RAS's starvation scale, default 1 as in its released settings) so no region is cached for
+        long; 0 = off.
     """
 
     ratio: float = 0.5
@@ -45,7 +46,7 @@ class RegionCache:
     refresh: int = 6
     window: int = 1
     metric: str = "delta"
-    starvation: float = 0.5
+    starvation: float = 1.0
 
     def __post_init__(self) -> None:
         if not _is_real(self.ratio):
