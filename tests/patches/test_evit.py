@@ -220,3 +220,13 @@ def test_models_without_cls_or_token_pooling_get_type_error_and_stay_untouched(k
         assert torch.equal(model(x), ref)
     assert not hasattr(model, "_accel_patches")
     assert all("_accel_hooks" not in vars(m) for m in model.modules())
+
+
+def test_torch_compile_matches_eager():
+    model = make_vit()
+    x = images(3)
+    with torch.inference_mode():
+        accel.patch(model, evit=0.5)
+        eager = model(x)
+        compiled = torch.compile(model)(x)  # static shapes: no dynamic=True needed
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
