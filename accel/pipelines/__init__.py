@@ -1,6 +1,7 @@
 """Built-in models trained by the project and shipped in ``assets/`` (offline), and their data.
 
     vit = accel.pipelines.load("fashion-vit")          # timm VisionTransformer, trained
+    vit, halting = accel.pipelines.load("fashion-vit-avit")  # fine-tuned for A-ViT, accel.AViT
     clip, processor = accel.pipelines.load("fashion-clip")
     pipe = accel.pipelines.load("fashion-sd")          # StableDiffusionPipeline: pipe("a photo of a bag")
     dit = accel.pipelines.load("fashion-dit")          # DiTPipeline: dit(class_labels=[8])
@@ -14,19 +15,24 @@ from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_
 
 __all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
 
-BUILT_IN = ("fashion-vit", "fashion-clip", "fashion-sd", "fashion-dit")
+BUILT_IN = ("fashion-vit", "fashion-vit-avit", "fashion-clip", "fashion-sd", "fashion-dit")
 
 
 def load(name: str) -> Any:
     """A built-in trained model by name, offline.
 
-    ``"fashion-vit"`` -> timm ``VisionTransformer``; ``"fashion-clip"`` -> ``(CLIPModel, CLIPProcessor)``;
+    ``"fashion-vit"`` -> timm ``VisionTransformer``; ``"fashion-vit-avit"`` -> ``(VisionTransformer,
+    accel.AViT)`` (patch with ``accel.patch(vit, avit=config)``); ``"fashion-clip"`` -> ``(CLIPModel, CLIPProcessor)``;
     ``"fashion-sd"`` -> diffusers ``StableDiffusionPipeline``; ``"fashion-dit"`` -> diffusers ``DiTPipeline``.
     """
     if name == "fashion-vit":
         from .fashion_vit import load_fashion_vit
 
         return load_fashion_vit()
+    if name == "fashion-vit-avit":
+        from .fashion_avit import load_fashion_avit
+
+        return load_fashion_avit()
     if name == "fashion-clip":
         from .fashion_clip import load_fashion_clip
 
