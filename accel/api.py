@@ -71,10 +71,10 @@ _METHODS: Dict[str, Method] = {
     )),
 }
 
-# Each of these decides which tokens (or images) a ViT's blocks compute, assuming it alone does:
+# Each of these decides which tokens (or images) a model's blocks compute, assuming it alone does:
 # two of them on one model do not compose, so patching a second one raises instead of giving
 # silently wrong results.
-_EXCLUSIVE = frozenset({"tome", "avit", "evit", "token_exit", "early_exit"})
+_EXCLUSIVE = frozenset({"tome", "avit", "evit", "token_exit", "early_exit", "region_cache"})
 
 
 def available_methods() -> Tuple[str, ...]:
