@@ -1,0 +1,212 @@
+"""Adaptive depth on the built-in ViT: top-1 accuracy against throughput for A-ViT, EViT, per-image
+early exit and token exit at several thresholds, side by side with the unpatched model; and
+region caching on the built-in DiT pipeline.
+
+ViT part: the trained ``fashion-vit`` (and its A-ViT fine-tune, ``fashion-vit-avit``) on the
+Fashion-MNIST test split (10,000 images; the shipped 2,000-image subset when the split is not on
+this machine, said in the output). Throughput: every variant and the unpatched model classify the
+timing images in batches, interleaved in one process over several rounds (order rotated), medians.
+Accuracy: over the whole test split. Writes docs/bench_adaptive.json, docs/bench_adaptive.svg
+(accuracy against throughput) and the ``bench_adaptive`` section of docs/benchmarks.md.
+
+    python scripts/bench_adaptive.py                    # the full run
+    python scripts/bench_adaptive.py --limit 256 ...    # a smoke run (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import accel  # noqa: E402
+from accel.eval.bench import accuracy, patched_copy  # noqa: E402
+from accel.eval.plot import scatter_svg  # noqa: E402
+from accel.eval.report import format_table, replace_section, run_meta  # noqa: E402
+from accel.eval.timing import time_interleaved  # noqa: E402
+
+VIT_COLUMNS = [
+    ("method", "method", ""),
+    ("settings", "settings", ""),
+    ("items_s", "img/s", ".1f"),
+    ("speedup", "speedup", ".2f"),
+    ("accuracy", "top-1", ".4f"),
+    ("drop_points", "top-1 lost (points)", "+.2f"),
+    ("work", "work done", ""),
+]
+
+
+def _floats(text: str) -> List[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def load_test_split(limit: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """``(images [N, 1, 28, 28] normalised, labels [N], description)``."""
+    from accel.pipelines import load_fashion_mnist, load_test_subset
+    from accel.pipelines.fashion_vit import preprocess
+
+    try:
+        images, labels = load_fashion_mnist("test")
+        what = "the Fashion-MNIST test split"
+    except FileNotFoundError:
+        images, labels = load_test_subset()
+        what = "the shipped Fashion-MNIST test subset (the full split is not on this machine)"
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return preprocess(images), labels, f"{what}, {len(labels)} images"
+
+
+def classify(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def work_done(model: Any, method: str) -> str:
+    """A short reading of ``accel.describe`` after a call: the share of token-blocks computed, or
+    the mean depth."""
+    info = accel.describe(model)["methods"].get(method, {}).get("last_call") or {}
+    if "mean_depth" in info:
+        return f"mean depth {info['mean_depth']:.2f}"
+    if "mean_exit_block" in info:
+        return f"mean exit block {info['mean_exit_block']:.2f}"
+    if info.get("tokens_in"):
+        tokens = info["tokens_in"]
+        return f"{sum(tokens) / (len(tokens) * tokens[0]):.0%} of token-blocks"
+    return "-"
+
+
+def vit_variants(args: argparse.Namespace) -> Dict[str, Tuple[str, str, torch.nn.Module]]:
+    """name -> (method, settings, model): every patched model of the table."""
+    from accel.pipelines import load
+
+    base = load("fashion-vit")
+    variants: Dict[str, Tuple[str, str, torch.nn.Module]] = {}
+    for keep in args.evit:
+        variants[f"evit {keep}"] = ("evit", f"keep rate {keep}", patched_copy(base, evit=keep))
+    for threshold in args.token_exit:
+        variants[f"token_exit {threshold}"] = ("token_exit", f"residual < {threshold}",
+                                               patched_copy(base, token_exit=threshold))
+    for r in args.tome:
+        variants[f"tome {r}"] = ("tome", f"r={int(r)}", patched_copy(base, tome=int(r)))
+    return variants
+
+
+def bench_vit(args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], str, int]:
+    from accel.pipelines import load
+
+    images, labels, data_note = load_test_split(args.limit)
+    timing_images = images[: args.timing_images]
+    baseline = load("fashion-vit")
+    variants = vit_variants(args)
+    calls = {"unpatched": lambda: classify(baseline, timing_images, args.batch)}
+    calls.update({name: (lambda m=model: classify(m, timing_images, args.batch))
+                  for name, (_, _, model) in variants.items()})
+    print(f"timing {len(calls)} variants x {args.repeats} rounds on {len(timing_images)} images", flush=True)
+    with torch.inference_mode():
+        timings = time_interleaved(calls, repeats=args.repeats, items_per_call=len(timing_images))
+        base_acc = accuracy(classify(baseline, images, args.batch), labels)
+        rows = [dict(method="-", settings="unpatched", items_s=timings["unpatched"].items_per_s, speedup=1.0,
+                     accuracy=base_acc, drop_points=0.0, work="-")]
+        for name, (method, settings, model) in variants.items():
+            acc = accuracy(classify(model, images, args.batch), labels)
+            model(images[: args.batch])  # "work done" is read from one full batch
+            rows.append(dict(method=method, settings=settings, items_s=timings[name].items_per_s,
+                             speedup=timings[name].speedup_over(timings["unpatched"]), accuracy=acc,
+                             drop_points=100 * (base_acc - acc), work=work_done(model, method)))
+    return rows, data_note, len(timing_images)
+
+
+def bench_dit(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """fashion-dit under RegionCache: s/image, speedup, PSNR against the unpatched images and the
+    fraction fashion-vit labels as the requested class (``accel.eval.diffusion.bench_diffusion``)."""
+    from accel.eval.diffusion import bench_diffusion
+    from accel.pipelines import FASHION_CLASSES, load
+    from accel.pipelines.fashion_sd import generate
+    from accel.pipelines.fashion_vit import preprocess
+
+    vit = load("fashion-vit")
+    variants = {f"region_cache {ratio}": {"region_cache": ratio} for ratio in args.region_cache}
+    print(f"fashion-dit: {len(variants) + 1} variants x {args.dit_repeats} rounds, {args.dit_steps} steps", flush=True)
+    with torch.inference_mode():
+        rows, _ = bench_diffusion(
+            load("fashion-dit"), variants, model_name="fashion-dit", num_classes=len(FASHION_CLASSES),
+            steps=args.dit_steps, per_class=args.dit_per_class, repeats=args.dit_repeats,
+            generate=lambda p, labels, steps: generate(p, labels, steps, args.dit_guidance, seed=args.seed),
+            classifier=lambda x: vit(preprocess(x)),
+        )
+    return [row.as_dict() for row in rows]
+
+
+DIT_COLUMNS = [("settings", "settings", ""), ("steps", "steps", ""), ("s_per_image", "s/image", ".3f"),
+               ("speedup", "speedup", ".2f"), ("psnr", "PSNR vs unpatched (dB)", ".1f"),
+               ("class_accuracy", "class accuracy", ".3f")]
+
+
+def plot(rows: List[Dict[str, Any]]) -> str:
+    series: Dict[str, List[Tuple[float, float]]] = {}
+    for row in rows:
+        series.setdefault(row["method"] if row["method"] != "-" else "unpatched", []).append(
+            (row["items_s"], 100 * row["accuracy"]))
+    return scatter_svg(series, title="fashion-vit: accuracy against throughput", xlabel="images/s (2-core CPU)",
+                       ylabel="top-1 accuracy (%)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--evit", type=_floats, default=[0.9, 0.7, 0.5], help="EViT keep rates")
+    parser.add_argument("--token-exit", type=_floats, default=[0.1, 0.2, 0.3], help="token-exit thresholds")
+    parser.add_argument("--tome", type=_floats, default=[2.0, 4.0], help="ToMe r values, for comparison")
+    parser.add_argument("--region-cache", type=_floats, default=[0.5, 0.25], help="RegionCache ratios (fashion-dit)")
+    parser.add_argument("--dit-steps", type=int, default=20)
+    parser.add_argument("--dit-guidance", type=float, default=4.0)
+    parser.add_argument("--dit-per-class", type=int, default=10, help="images per class for PSNR and class accuracy")
+    parser.add_argument("--dit-repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--timing-images", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N test images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON, SVG and benchmarks.md")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+
+    rows, data_note, timed = bench_vit(args)
+    table = format_table(rows, VIT_COLUMNS)
+    print(table)
+    dit_rows = bench_dit(args) if args.region_cache else []
+    dit_table = format_table(dit_rows, DIT_COLUMNS) if dit_rows else ""
+    print(dit_table)
+    if args.no_write:
+        return
+    meta = run_meta(" ".join(["python scripts/bench_adaptive.py"] + sys.argv[1:]), args.seed, "timm")
+    meta["weights"] = "the trained built-in models (assets/)"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_adaptive.json").write_text(json.dumps(
+        {"meta": meta, "data": data_note, "rows": rows, "dit_rows": dit_rows}, indent=2) + "\n")
+    (args.out / "bench_adaptive.svg").write_text(plot(rows))
+    section = (
+        f"Measured {meta['date']} on {meta['machine']}. fp32, trained weights; accuracy on {data_note}; "
+        f"throughput on the first {timed} of them in "
+        f"batches of {args.batch}, every variant interleaved with the unpatched model over {args.repeats} "
+        f"rounds, medians.\n\nCommand: `{meta['command']}`\n\n{table}\n\n![accuracy against throughput]"
+        f"(bench_adaptive.svg)\n"
+    )
+    if dit_rows:
+        section += (
+            f"\nRegionCache on fashion-dit ({args.dit_steps} DDIM steps, guidance {args.dit_guidance}): speed on one "
+            f"image of each class per call, {args.dit_repeats} interleaved rounds, medians; PSNR against the "
+            f"unpatched images and class accuracy (fashion-vit) on {args.dit_per_class} images per class with "
+            f"fixed seeds.\n\n{dit_table}\n"
+        )
+    replace_section(args.out / "benchmarks.md", "bench_adaptive", section)
+
+
+if __name__ == "__main__":
+    main()
