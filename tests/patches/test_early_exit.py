@@ -363,3 +363,17 @@ def test_shipped_heads_load_and_their_recorded_accuracy_holds():
     assert abs(depth - recorded["mean_depth"]) <= 0.05
     assert recorded["accuracy"] >= recorded["unpatched_accuracy"] - 0.02
     assert depth < 0.7 * len(model.blocks)
+
+
+def test_torch_compile_with_dynamic_shapes_matches_eager():
+    model = make_vit()
+    heads = make_heads()
+    x = images(13, seed=5)
+    thresholds = separating_thresholds(model, heads, x, "max_prob")
+    accel.patch(model, early_exit=EarlyExit(heads, thresholds=thresholds))
+    with torch.inference_mode():
+        eager, eager_odd = model(x), model(x[:7])
+        compiled = torch.compile(model, dynamic=True)  # the batch shrinks by a data-dependent amount
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x[:7]), eager_odd, rtol=1e-5, atol=1e-5)
+    assert accel.early_exit.exit_depths(model).shape == (7,)
