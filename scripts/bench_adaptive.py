@@ -87,6 +87,21 @@ def vit_variants(args: argparse.Namespace) -> Dict[str, Tuple[str, str, torch.nn
 
     base = load("fashion-vit")
     variants: Dict[str, Tuple[str, str, torch.nn.Module]] = {}
+    if args.avit:
+        avit_base, halting = load("fashion-vit-avit")
+        variants["avit backbone"] = ("avit backbone", "fine-tuned, unpatched", avit_base)
+        for eps in args.avit:
+            for mode in ("remove", "mask") if eps == args.avit[0] else ("remove",):
+                config = dataclasses.replace(halting, eps=eps, mode=mode)
+                variants[f"avit {eps} {mode}"] = ("avit", f"eps {eps}, {mode}", patched_copy(avit_base, avit=config))
+    if args.early_exit is not None:
+        heads = ROOT / "assets" / "fashion-vit-exits"
+        variants["early_exit calibrated"] = ("early_exit", "calibrated thresholds",
+                                             patched_copy(base, early_exit=str(heads)))
+        for threshold in args.early_exit:
+            variants[f"early_exit {threshold}"] = (
+                "early_exit", f"max prob >= {threshold}",
+                patched_copy(base, early_exit=accel.EarlyExit(heads=heads, thresholds=threshold, criterion="max_prob")))
     for keep in args.evit:
         variants[f"evit {keep}"] = ("evit", f"keep rate {keep}", patched_copy(base, evit=keep))
     for threshold in args.token_exit:
@@ -159,6 +174,10 @@ def plot(rows: List[Dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--avit", type=_floats, default=[0.01, 0.1, 0.3],
+                        help="A-ViT eps values (fashion-vit-avit); the first is also timed with the masked path")
+    parser.add_argument("--early-exit", type=_floats, default=[0.9, 0.99],
+                        help="uniform max-prob thresholds of the shipped exit heads, beside their calibrated ones")
     parser.add_argument("--evit", type=_floats, default=[0.9, 0.7, 0.5], help="EViT keep rates")
     parser.add_argument("--token-exit", type=_floats, default=[0.1, 0.2, 0.3], help="token-exit thresholds")
     parser.add_argument("--tome", type=_floats, default=[2.0, 4.0], help="ToMe r values, for comparison")

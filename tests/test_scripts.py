@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,23 @@ def test_bench_diffusion_runs_every_variant_and_writes_markdown(tmp_path):
     assert {row["settings"] for row in ours} >= {"tome 0.5", "deepcache 3", "tome 0.5 + deepcache 3"}
     assert all(row["speedup"] > 0 and row["psnr"] > 20 for row in ours)  # close to the unpatched latents
     assert "<!-- bench_diffusion:start -->" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_bench_adaptive_runs_every_method_and_writes_table_and_plot(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_adaptive.py"), "--limit", "64", "--timing-images", "32",
+           "--batch", "32", "--repeats", "1", "--avit", "0.01", "--early-exit", "1.5", "--evit", "1.0,0.7", "--token-exit", "0.2", "--tome", "2",
+           "--region-cache", "0.5", "--dit-steps", "6", "--dit-per-class", "1", "--dit-repeats", "1",
+           "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    data = json.loads((tmp_path / "bench_adaptive.json").read_text())
+    rows = {(row["method"], row["settings"]): row for row in data["rows"]}
+    assert {"avit", "early_exit", "evit", "token_exit", "tome"} <= {method for method, _ in rows}
+    assert {settings for method, settings in rows if method == "avit"} == {"eps 0.01, remove", "eps 0.01, mask"}
+    unpatched = rows[("-", "unpatched")]
+    for identity in rows[("evit", "keep rate 1.0")], rows[("early_exit", "max prob >= 1.5")]:  # never reduce/exit
+        assert identity["accuracy"] == unpatched["accuracy"] and identity["drop_points"] == 0.0
+    assert rows[("avit", "eps 0.01, remove")]["accuracy"] == pytest.approx(rows[("avit", "eps 0.01, mask")]["accuracy"], abs=1.5 / 64)
+    assert [row["settings"] for row in data["dit_rows"]] == ["unpatched", "region_cache 0.5"]
+    assert 0.0 < data["dit_rows"][1]["psnr"] <= 100.0
+    assert (tmp_path / "bench_adaptive.svg").read_text().startswith("<svg")
+    assert "<!-- bench_adaptive:start -->" in (tmp_path / "benchmarks.md").read_text()
