@@ -94,14 +94,20 @@ def vit_variants(args: argparse.Namespace) -> Dict[str, Tuple[str, str, torch.nn
             for mode in ("remove", "mask") if eps == args.avit[0] else ("remove",):
                 config = dataclasses.replace(halting, eps=eps, mode=mode)
                 variants[f"avit {eps} {mode}"] = ("avit", f"eps {eps}, {mode}", patched_copy(avit_base, avit=config))
-    if args.early_exit is not None:
-        heads = ROOT / "assets" / "fashion-vit-exits"
-        variants["early_exit calibrated"] = ("early_exit", "calibrated thresholds",
-                                             patched_copy(base, early_exit=str(heads)))
-        for threshold in args.early_exit:
-            variants[f"early_exit {threshold}"] = (
-                "early_exit", f"max prob >= {threshold}",
-                patched_copy(base, early_exit=accel.EarlyExit(heads=heads, thresholds=threshold, criterion="max_prob")))
+    heads = ROOT / "assets" / "fashion-vit-exits"
+    if args.exit_budgets:
+        sweep = json.loads((heads / "exit_heads.json").read_text())["metrics"]["calibration_sweep"]
+        for budget in args.exit_budgets:
+            if f"{budget:g}" not in sweep:
+                raise SystemExit(f"--exit-budgets: {budget:g} is not in the heads' calibration sweep ({', '.join(sweep)})")
+            thresholds = sweep[f"{budget:g}"]["thresholds"]
+            variants[f"early_exit budget {budget:g}"] = (
+                "early_exit", f"calibrated, held-out drop <= {budget:g}",
+                patched_copy(base, early_exit=accel.EarlyExit(heads=heads, thresholds=thresholds)))
+    for threshold in args.exit_thresholds:
+        variants[f"early_exit {threshold}"] = (
+            "early_exit", f"max prob >= {threshold}",
+            patched_copy(base, early_exit=accel.EarlyExit(heads=heads, thresholds=threshold, criterion="max_prob")))
     for keep in args.evit:
         variants[f"evit {keep}"] = ("evit", f"keep rate {keep}", patched_copy(base, evit=keep))
     for threshold in args.token_exit:
@@ -176,8 +182,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--avit", type=_floats, default=[0.01, 0.1, 0.3],
                         help="A-ViT eps values (fashion-vit-avit); the first is also timed with the masked path")
-    parser.add_argument("--early-exit", type=_floats, default=[0.9, 0.99],
-                        help="uniform max-prob thresholds of the shipped exit heads, beside their calibrated ones")
+    parser.add_argument("--exit-budgets", type=_floats, default=[0.0025, 0.005, 0.01, 0.02],
+                        help="held-out accuracy-drop budgets whose calibrated thresholds the shipped exit heads carry")
+    parser.add_argument("--exit-thresholds", type=_floats, default=[], help="uniform max-prob thresholds, in addition")
     parser.add_argument("--evit", type=_floats, default=[0.9, 0.7, 0.5], help="EViT keep rates")
     parser.add_argument("--token-exit", type=_floats, default=[0.1, 0.2, 0.3], help="token-exit thresholds")
     parser.add_argument("--tome", type=_floats, default=[2.0, 4.0], help="ToMe r values, for comparison")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    started = time.perf_counter()
     config = SD15_UNET if args.config == "sd15" else TINY_UNET
     name = "SD-1.5 UNet" if args.config == "sd15" else "tiny UNet"
     pipe = build_pipeline(config, args.seed)
@@ -220,7 +222,8 @@ def main() -> None:
     replace_section(args.out / "benchmarks.md", args.section, (
         f"Measured {meta['date']} on {machine}. {name} configuration, fp32, {meta['weights']} weights, batch 1 "
         f"without guidance; baseline = the unpatched UNet (SDPA attention); interleaved in one process, medians "
-        f"of {args.repeats} (loop) and {args.repeats_large} (single call) rounds.\n\nCommand: `{meta['command']}`\n\n"
+        f"of {args.repeats} (loop) and {args.repeats_large} (single call) rounds.\n\nCommand: `{meta['command']}` "
+        f"(the whole run: {(time.perf_counter() - started) / 60:.1f} minutes)\n\n"
         f"{table}\n"))
 
 
