@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--region-cache", type=_floats, default=[0.5, 0.25], help="RegionCache ratios (fashion-dit)")
     parser.add_argument("--dit-steps", type=int, default=20)
     parser.add_argument("--dit-guidance", type=float, default=4.0)
-    parser.add_argument("--dit-per-class", type=int, default=10, help="images per class for PSNR and class accuracy")
+    parser.add_argument("--dit-per-class", type=int, default=5, help="images per class for PSNR and class accuracy")
     parser.add_argument("--dit-repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--timing-images", type=int, default=2048)

@@ -12,7 +12,7 @@ reference packages ``tomesd`` and ``DeepCache`` are included when installed (ben
 run's, with the latents' own range as the peak. Writes docs/bench_diffusion.json and the
 ``bench_diffusion`` section of docs/benchmarks.md.
 
-    python scripts/bench_diffusion.py                   # the full run (about 29 minutes on 2 cores)
+    python scripts/bench_diffusion.py                   # the full run (about 22 minutes on 2 cores)
     python scripts/bench_diffusion.py --config tiny ... # a smoke run (tests)
 """
 from __future__ import annotations
