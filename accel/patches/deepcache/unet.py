@@ -21,8 +21,8 @@ import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...families import is_diffusers_pipeline, is_loaded_instance, qualified_name
-from ...hooks import add_hook
 from ..base import MethodPatch
+from ..steps import call_counting_steps
 from . import DeepCache
 
 __all__ = ["DeepCacheUNet", "DeepCacheState", "matches", "SUPPORTED"]
@@ -108,6 +108,10 @@ class DeepCacheState:
         self.full_steps: List[int] = []
         self.steps_seen = 0  # steps with at least one UNet call
 
+    def free(self) -> None:
+        """Drop the cached features after a pipeline call; the report stays."""
+        self.caches = {}
+
 
 class DeepCacheUNet(MethodPatch):
     method = "deepcache"
@@ -159,19 +163,7 @@ class DeepCacheUNet(MethodPatch):
             self.state.reset(num_steps)
 
     def _pipeline_call(self, pipe: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
-        state = self.state
-        if state is None or state.in_call:  # nested call: part of the running one
-            return call_next(*args, **kwargs)
-        state.reset()
-        state.in_call = True
-        # hook the scheduler the pipeline holds *now* (it may have been replaced after patching)
-        handle = add_hook(pipe.scheduler, self._scheduler_step, "step")
-        try:
-            return call_next(*args, **kwargs)
-        finally:
-            handle.remove()
-            state.in_call = False
-            state.caches = {}  # free the cached features; the report stays
+        return call_counting_steps(self.state, pipe, call_next, self._scheduler_step, args, kwargs)
 
     def _planned_steps(self, scheduler: Any) -> Optional[int]:
         n = getattr(self.pipe, "_num_timesteps", None)  # len(timesteps) of the loop, set before it

@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ...families import is_diffusers_pipeline, is_loaded_instance, qualified_name
-from ...hooks import add_hook
 from ..base import MethodPatch
+from ..steps import call_counting_steps
 from .config import RegionCache
 from .regions import pixel_mask, region_ids, select_tokens, token_mask, token_scores
 
@@ -177,19 +177,7 @@ class RegionCacheDiT(MethodPatch):
 
     # -- steps ----------------------------------------------------------------------------------
     def _pipeline_call(self, pipe: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
-        state = self.state
-        if state is None or state.in_call:  # nested call: part of the running one
-            return call_next(*args, **kwargs)
-        state.reset()
-        state.in_call = True
-        # hook the scheduler the pipeline holds now (it may have been replaced after patching)
-        handle = add_hook(pipe.scheduler, self._scheduler_step, "step")
-        try:
-            return call_next(*args, **kwargs)
-        finally:
-            handle.remove()
-            state.in_call = False
-            state.free()
+        return call_counting_steps(self.state, pipe, call_next, self._scheduler_step, args, kwargs)
 
     def _scheduler_step(self, scheduler: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         """A denoising step ends: score the tokens on the output the scheduler integrates."""
