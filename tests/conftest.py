@@ -33,6 +33,33 @@ def randomize_layer_scale(model, seed: int = 1) -> None:
                 param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
 
 
+def build_variant(variant: str):
+    """Every timm ViT variant the token methods must serve, at a small size, seeded, in eval mode."""
+    from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+
+    if variant == "vit":
+        return make_vit()
+    if variant == "deit_distilled":
+        return make_vit("deit_tiny_distilled_patch16_224")
+    if variant == "deit3_layerscale":
+        model = make_vit("deit3_small_patch16_224")
+        randomize_layer_scale(model)
+        return model
+    if variant == "registers_avgpool":
+        return make_vit("vit_base_patch16_reg4_gap_256")
+    if variant == "dinov2_registers":
+        model = make_vit("vit_base_patch14_reg4_dinov2")
+        randomize_layer_scale(model)
+        return model
+    if variant == "qknorm_postnorm":
+        torch.manual_seed(0)
+        return VisionTransformer(**SMALL, num_classes=10, qk_norm=True, scale_attn_norm=True,
+                                 block_fn=ResPostBlock, init_values=0.7).eval()
+    if variant == "dynamic_img_size":
+        return make_vit(dynamic_img_size=True)
+    raise KeyError(variant)
+
+
 def images(batch: int = 2, size=(32, 32), seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
 

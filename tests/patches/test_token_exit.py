@@ -7,31 +7,11 @@ import torch
 import accel
 from accel.api import get_patch
 from accel.token_exit import active_first, depth_map, relative_update
-from tests.conftest import SMALL, images, make_vit, randomize_layer_scale
+from tests.conftest import build_variant as build, images, make_vit
 
 torch.set_num_threads(1)
 
 
-def build(variant):
-    from timm.models.vision_transformer import ResPostBlock, VisionTransformer
-
-    if variant == "vit":
-        return make_vit()
-    if variant == "deit_distilled":
-        return make_vit("deit_tiny_distilled_patch16_224")
-    if variant == "deit3_layerscale":
-        model = make_vit("deit3_small_patch16_224")
-        randomize_layer_scale(model)
-        return model
-    if variant == "registers_avgpool":
-        return make_vit("vit_base_patch16_reg4_gap_256")
-    if variant == "qknorm_postnorm":
-        torch.manual_seed(0)
-        return VisionTransformer(**SMALL, num_classes=10, qk_norm=True, scale_attn_norm=True,
-                                 block_fn=ResPostBlock, init_values=0.7).eval()
-    if variant == "dynamic_img_size":
-        return make_vit(dynamic_img_size=True)
-    raise KeyError(variant)
 
 
 VARIANTS = ["vit", "deit_distilled", "deit3_layerscale", "registers_avgpool", "qknorm_postnorm", "dynamic_img_size"]

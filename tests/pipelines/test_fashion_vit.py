@@ -48,7 +48,8 @@ def test_tome_on_the_trained_vit_keeps_most_accuracy(vit):
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="available: fashion-vit, fashion-clip, fashion-sd"):
+    names = "fashion-vit, fashion-vit-avit, fashion-clip, fashion-sd, fashion-dit"
+    with pytest.raises(ValueError, match=f"available: {names}"):
         load("fashion-gan")
 
 
