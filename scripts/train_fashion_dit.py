@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accel.eval.report import replace_section  # noqa: E402
-from accel.pipelines.data import FASHION_CLASSES, load_fashion_mnist  # noqa: E402
+from accel.pipelines.data import load_fashion_mnist  # noqa: E402
 from accel.pipelines.fashion_dit import (  # noqa: E402
     NULL_CLASS, assemble_dit_pipeline, build_transformer, load_fashion_dit, save_dit_pipeline,
 )
