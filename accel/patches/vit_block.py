@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..families import qualified_name
 
-__all__ = ["vit_blocks", "is_post_norm", "split_heads", "merge_heads", "attention", "attn_residual",
+__all__ = ["vit_blocks", "is_post_norm", "intermediates_as_tokens", "split_heads", "merge_heads", "attention", "attn_residual",
            "mlp_residual", "block_forward"]
 
 
@@ -43,6 +43,17 @@ def is_post_norm(block: Any) -> bool:
     from timm.models.vision_transformer import ResPostBlock
 
     return type(block) is ResPostBlock
+
+
+def intermediates_as_tokens(method: str, reduces: bool, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+    """``forward_intermediates`` of a model whose blocks drop or merge tokens (``reduces``): the
+    tokens no longer form a patch grid, so only ``output_fmt='NLC'`` can be served."""
+    if reduces and kwargs.get("output_fmt", "NCHW") != "NLC":
+        raise NotImplementedError(
+            f"{method}: reduced tokens no longer form a grid, so forward_intermediates works only with "
+            f"output_fmt='NLC' while {method} is patched (or unpatch first)"
+        )
+    return call_next(*args, **kwargs)
 
 
 def split_heads(attn: Any, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ...families import qualified_name
 from ..base import MethodPatch
-from ..vit_block import attn_residual, is_post_norm, merge_heads, mlp_residual, split_heads, vit_blocks
+from ..vit_block import (attn_residual, intermediates_as_tokens, is_post_norm, merge_heads, mlp_residual, split_heads,
+                         vit_blocks)
 from .config import EViT
 from .keep import cls_attention, keep_and_fuse, num_kept
 
@@ -116,12 +117,7 @@ class EViTTimm(MethodPatch):
         return mlp_residual(block, post_norm, x)
 
     def _forward_intermediates(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.config.keep_rate < 1.0 and kwargs.get("output_fmt", "NCHW") != "NLC":
-            raise NotImplementedError(
-                "evit: reduced tokens no longer form a grid, so forward_intermediates works only with "
-                "output_fmt='NLC' while EViT is patched (or unpatch first)"
-            )
-        return call_next(*args, **kwargs)
+        return intermediates_as_tokens("evit", self.config.keep_rate < 1.0, call_next, *args, **kwargs)
 
     # -- reporting ------------------------------------------------------------------------------
     def last_call(self) -> Optional[Dict[str, Any]]:

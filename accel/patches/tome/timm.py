@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ...families import qualified_name
 from ..base import MethodPatch
-from ..vit_block import attn_residual, is_post_norm, merge_heads, mlp_residual, split_heads, vit_blocks
+from ..vit_block import (attn_residual, intermediates_as_tokens, is_post_norm, merge_heads, mlp_residual, split_heads,
+                         vit_blocks)
 from .config import ToMe
 from .merge import bipartite_soft_matching, initial_source, merge_source, merge_weighted
 
@@ -135,12 +136,7 @@ class ToMeTimm(MethodPatch):
         return mean if kind == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
 
     def _forward_intermediates(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
-        if any(self.schedule) and kwargs.get("output_fmt", "NCHW") != "NLC":
-            raise NotImplementedError(
-                "tome: merged tokens no longer form a grid, so forward_intermediates works only with "
-                "output_fmt='NLC' while ToMe is patched (or unpatch first)"
-            )
-        return call_next(*args, **kwargs)
+        return intermediates_as_tokens("tome", any(self.schedule), call_next, *args, **kwargs)
 
     # -- reporting ------------------------------------------------------------------------------
     def last_call(self) -> Optional[Dict[str, Any]]:
