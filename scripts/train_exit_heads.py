@@ -64,9 +64,7 @@ def main() -> None:
     start = time.time()
     torch.manual_seed(args.seed)
     model = load("fashion-vit")
-    images, labels = load_fashion_mnist("train", root=args.data_root)
-    if args.train_limit:
-        images, labels = images[: args.train_limit], labels[: args.train_limit]
+    images, labels = load_fashion_mnist("train", root=args.data_root, limit=args.train_limit)
     if not 0 < args.held_out < len(images):
         raise SystemExit(f"--held-out must be between 1 and {len(images) - 1}")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))

@@ -67,9 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     train_x, train_y = load_fashion_mnist("train", root=args.data_root)
-    test_x, test_y = load_fashion_mnist("test", root=args.data_root)
-    if args.eval_limit:
-        test_x, test_y = test_x[: args.eval_limit], test_y[: args.eval_limit]
+    test_x, test_y = load_fashion_mnist("test", root=args.data_root, limit=args.eval_limit)
 
     processor = build_processor()
     tokenizer = processor.tokenizer

@@ -53,12 +53,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "fashion-vit")
     args = parser.parse_args()
 
-    train_x, train_y = load_fashion_mnist("train", root=args.data_root)
-    test_x, test_y = load_fashion_mnist("test", root=args.data_root)
-    if args.train_limit:
-        train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
-    if args.eval_limit:
-        test_x, test_y = test_x[: args.eval_limit], test_y[: args.eval_limit]
+    train_x, train_y = load_fashion_mnist("train", root=args.data_root, limit=args.train_limit)
+    test_x, test_y = load_fashion_mnist("test", root=args.data_root, limit=args.eval_limit)
 
     torch.manual_seed(args.seed)
     model = build_fashion_vit(drop_path_rate=args.drop_path)

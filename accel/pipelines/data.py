@@ -67,8 +67,14 @@ def _find_root(root: Optional[Union[str, Path]]) -> Optional[Path]:
 
 
 def load_fashion_mnist(split: str = "train", root: Optional[Union[str, Path]] = None,
-                       download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 [N, 28, 28], labels int64 [N])`` of the ``train`` or ``test`` split."""
+                       download: bool = False, limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` of the ``train`` or ``test`` split; only
+    its first ``limit`` images when given (None or 0: all)."""
+    images, labels = _read_split(split, root, download)
+    return (images[:limit], labels[:limit]) if limit else (images, labels)
+
+
+def _read_split(split: str, root: Optional[Union[str, Path]], download: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
     folder = _find_root(root)

@@ -38,6 +38,8 @@ def test_load_from_folder_and_errors(tmp_path, monkeypatch):
     images, labels = load_fashion_mnist("test", root=tmp_path)
     assert images.shape == (32, 28, 28) and images.dtype == torch.uint8
     assert labels.tolist() == [i % 10 for i in range(32)] and labels.dtype == torch.int64
+    first, first_labels = load_fashion_mnist("test", root=tmp_path, limit=5)
+    assert torch.equal(first, images[:5]) and torch.equal(first_labels, labels[:5])
     with pytest.raises(ValueError, match="split must be"):
         load_fashion_mnist("val", root=tmp_path)
     monkeypatch.setattr("accel.pipelines.data.DEBIAN_DIR", tmp_path / "missing")
