@@ -272,6 +272,45 @@ def test_finetune_lowers_ponder_loss_and_changes_weights():
         accel.avit.finetune(torch.nn.Linear(2, 2), [batch], steps=1)
 
 
+def test_distillation_loss_against_a_hand_computed_kl():
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    teacher = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    for t in (1.0, 2.0):
+        expected = 0.0
+        for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+            ps = [math.exp(v / t) for v in s_row]
+            pt = [math.exp(v / t) for v in t_row]
+            ps, pt = [v / sum(ps) for v in ps], [v / sum(pt) for v in pt]
+            expected += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+        expected *= t * t / len(student)
+        got = accel.avit.distillation_loss(student, teacher, t)
+        assert float(got) == pytest.approx(expected, rel=1e-5)
+    assert float(accel.avit.distillation_loss(student, student)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        accel.avit.distillation_loss(student, teacher[:, :2])
+    with pytest.raises(ValueError, match="temperature"):
+        accel.avit.distillation_loss(student, teacher, 0.0)
+
+
+def test_finetune_with_a_teacher_adds_the_distillation_term():
+    model, teacher = make_vit(), make_vit(seed=5).eval()
+    gen = torch.Generator().manual_seed(0)
+    batch = (images(8, seed=1), torch.randint(0, 10, (8,), generator=gen))
+    result = accel.avit.finetune(model, [batch] * 2, steps=2, lr=1e-3, config=accel.AViT(**HALTING),
+                                 teacher=teacher, distill_weight=0.5, temperature=2.0)
+    first = result.history[0]
+    assert first["distill"] > 0
+    # the first step's loss is the sum of its parts, the distillation term included
+    assert first["loss"] == pytest.approx(first["task"] + 5e-4 * first["ponder"] + 0.1 * first["kl"]
+                                          + 0.5 * first["distill"], rel=1e-5)
+    with pytest.raises(ValueError, match="frozen copy"):
+        accel.avit.finetune(model, [batch], steps=1, teacher=model)
+    with pytest.raises(TypeError, match="teacher"):
+        accel.avit.finetune(model, [batch], steps=1, teacher="deit")
+    with pytest.raises(ValueError, match="temperature"):
+        accel.avit.finetune(model, [batch], steps=1, teacher=teacher, temperature=-1.0)
+
+
 def test_training_loss_needs_the_masked_path():
     model = accel.patch(make_vit(), avit=accel.AViT(**HALTING))  # removal path in eval mode
     x, y = images(2), torch.tensor([1, 2])

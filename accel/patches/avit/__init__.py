@@ -18,11 +18,11 @@ import torch
 from .config import AViT, load, metadata, save
 from .halting import (HaltingState, gaussian_prior, halting_distribution, halting_score, kl_divergence,
                       ponder_loss)
-from .train import FinetuneResult, finetune, training_loss
+from .train import FinetuneResult, distillation_loss, finetune, training_loss
 
 __all__ = ["AViT", "save", "load", "metadata", "halting_score", "HaltingState", "ponder_loss",
            "halting_distribution", "gaussian_prior", "kl_divergence", "finetune", "FinetuneResult",
-           "training_loss", "depth_map"]
+           "training_loss", "distillation_loss", "depth_map"]
 
 
 def depth_map(model: Any) -> Optional[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .config import AViT
 from .halting import gaussian_prior, halting_distribution, kl_divergence, ponder_loss
 
-__all__ = ["FinetuneResult", "training_loss", "finetune"]
+__all__ = ["FinetuneResult", "training_loss", "distillation_loss", "finetune"]
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -33,11 +33,14 @@ class FinetuneResult:
 
 
 def training_loss(model: Any, logits: torch.Tensor, labels: torch.Tensor, *, prior: torch.Tensor,
-                  ponder_weight: float, kl_weight: float,
-                  label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                  ponder_weight: float, kl_weight: float, label_smoothing: float = 0.0,
+                  teacher_logits: Optional[torch.Tensor] = None, distill_weight: float = 0.0,
+                  temperature: float = 1.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``cross-entropy + ponder_weight * L_ponder + kl_weight * KL(Hbar || prior)`` for the call
-    that produced ``logits`` on ``model`` (patched with ``avit`` in mask mode or training mode).
-    Returns the loss and its parts (detached): task, ponder, kl, depth."""
+    that produced ``logits`` on ``model`` (patched with ``avit`` in mask mode or training mode),
+    plus ``distill_weight * T^2 * KL(teacher || student)`` on logits softened by ``temperature``
+    when ``teacher_logits`` are given (e.g. the model's own predictions before fine-tuning).
+    Returns the loss and its parts (detached): task, ponder, kl, depth (and distill)."""
     from ...api import get_patch
 
     patch = get_patch(model, "avit")
@@ -50,7 +53,23 @@ def training_loss(model: Any, logits: torch.Tensor, labels: torch.Tensor, *, pri
     kl = kl_divergence(halting_distribution(halting), prior)
     loss = task + ponder_weight * ponder + kl_weight * kl
     parts = dict(task=task, ponder=ponder, kl=kl, depth=halting.mean_depth())
+    if teacher_logits is not None and distill_weight:
+        distill = distillation_loss(logits, teacher_logits, temperature)
+        loss = loss + distill_weight * distill
+        parts["distill"] = distill
     return loss, {k: v.detach() for k, v in parts.items()}
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(logits / T))``, averaged over the batch (Hinton et al.)."""
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"avit.training_loss: teacher_logits must have the shape of logits {tuple(logits.shape)}; "
+                         f"got {tuple(teacher_logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"avit.training_loss: temperature must be > 0; got {temperature}")
+    target = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    student = F.log_softmax(logits.float() / temperature, dim=-1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature ** 2
 
 
 def _check(name: str, value: Any, low: float, allowed: str, strict: bool = False) -> float:
@@ -74,7 +93,8 @@ def finetune(model: Any, data: Union[Callable[[int], Batch], Iterable[Batch]], *
              lr: float = 1e-4, weight_decay: float = 0.05, warmup_steps: int = 0,
              config: Optional[AViT] = None, ponder_weight: float = 5e-4, kl_weight: float = 0.1,
              prior_mean: Optional[float] = None, prior_std: float = 2.0, label_smoothing: float = 0.0,
-             clip_grad: Optional[float] = 1.0, log_every: int = 0) -> FinetuneResult:
+             teacher: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, distill_weight: float = 1.0,
+             temperature: float = 1.0, clip_grad: Optional[float] = 1.0, log_every: int = 0) -> FinetuneResult:
     """Fine-tune ``model`` (a timm ViT/DeiT, all its parameters) in place for A-ViT halting.
 
     data: an iterable of ``(images [B, C, H, W], labels [B])`` or a function ``step -> batch``;
@@ -83,6 +103,8 @@ def finetune(model: Any, data: Union[Callable[[int], Batch], Iterable[Batch]], *
         masked formulation, whatever ``config.mode``.
     ponder_weight, kl_weight: weights of the ponder loss and of ``KL(Hbar || prior)``; the prior is
         a Gaussian over depth 1..L with ``prior_mean`` (default 2/3 of the depth) and ``prior_std``.
+    teacher: a frozen model (e.g. a copy of ``model`` before fine-tuning) whose predictions the
+        fine-tuned model is also distilled toward, with ``distill_weight`` and ``temperature``.
     AdamW with linear warm-up and cosine decay; gradients clipped to ``clip_grad``.
     The model is left in its previous train/eval mode and patch state; patch it with
     ``result.config`` for inference. Returns a ``FinetuneResult``.
@@ -98,6 +120,14 @@ def finetune(model: Any, data: Union[Callable[[int], Batch], Iterable[Batch]], *
     weight_decay = _check("weight_decay", weight_decay, 0.0, "a finite float >= 0")
     ponder_weight = _check("ponder_weight", ponder_weight, 0.0, "a finite float >= 0")
     kl_weight = _check("kl_weight", kl_weight, 0.0, "a finite float >= 0")
+    distill_weight = _check("distill_weight", distill_weight, 0.0, "a finite float >= 0")
+    temperature = _check("temperature", temperature, 0.0, "a finite float > 0", strict=True)
+    if teacher is not None and not callable(teacher):
+        raise TypeError(f"avit.finetune: teacher must be a model (callable on images) or None; "
+                        f"got {type(teacher).__name__}")
+    if teacher is model:
+        raise ValueError("avit.finetune: teacher must be a frozen copy, not the model being fine-tuned "
+                         "(copy.deepcopy(model) before calling)")
     depth = len(model.blocks)
     prior_mean = 2.0 * depth / 3.0 if prior_mean is None else prior_mean
     prior_mean = _check("prior_mean", prior_mean, 1.0, f"a float in [1, {depth}] (halting depth)")
@@ -124,8 +154,14 @@ def finetune(model: Any, data: Union[Callable[[int], Batch], Iterable[Batch]], *
         model.train()
         try:
             for step, (images, labels) in zip(range(steps), batches):
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
                 loss, parts = training_loss(model, model(images), labels, prior=prior, ponder_weight=ponder_weight,
-                                            kl_weight=kl_weight, label_smoothing=label_smoothing)
+                                            kl_weight=kl_weight, label_smoothing=label_smoothing,
+                                            teacher_logits=teacher_logits, distill_weight=distill_weight,
+                                            temperature=temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip_grad:
