@@ -210,16 +210,18 @@ def _per_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, imag
         return out.transpose(0, 1).reshape(1, heads, total, dim)
     count = torch.tensor(counts, device=q.device)
     start = torch.cumsum(count, 0) - count
-    pos = torch.arange(total, device=q.device) - start[image]  # position of each token in its image
+    # row of each token in the padded [B * n_max] layout: image b's tokens fill rows b * n_max + 0..count[b]-1
+    rows = torch.arange(total, device=q.device) - start[image] + image * longest
 
     def pad(t: torch.Tensor) -> torch.Tensor:  # [1, H, T, D] -> [B, H, n_max, D], zeros after each image
-        padded = t.new_zeros(batch, longest, heads, dim)
-        padded[image, pos] = t[0].transpose(0, 1)
-        return padded.transpose(1, 2)
+        padded = t.new_zeros(batch * longest, heads, dim)
+        padded.index_copy_(0, rows, t[0].transpose(0, 1))
+        return padded.view(batch, longest, heads, dim).transpose(1, 2)
 
     keys = (torch.arange(longest, device=q.device) < count[:, None])[:, None, None, :]  # [B, 1, 1, n_max]
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keys)
-    return out.transpose(1, 2)[image, pos].transpose(0, 1)[None]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keys)  # [B, H, n_max, D]
+    out = out.transpose(1, 2).reshape(batch * longest, heads, dim).index_select(0, rows)  # [T, H, D]
+    return out.transpose(0, 1)[None]
 
 
 def _grid(model: Any, x: torch.Tensor) -> Optional[Tuple[int, int]]:
