@@ -7,9 +7,11 @@ Fashion-MNIST test split (10,000 images; the shipped 2,000-image subset when the
 this machine, said in the output). Throughput: every variant and the unpatched model classify the
 timing images in batches, interleaved in one process over several rounds (order rotated), medians.
 Accuracy: over the whole test split. Writes docs/bench_adaptive.json, docs/bench_adaptive.svg
-(accuracy against throughput) and the ``bench_adaptive`` section of docs/benchmarks.md.
+(accuracy against throughput) and the ``bench_adaptive`` section of docs/benchmarks.md; with
+--device cuda the ViT part runs on the GPU and writes ``bench_adaptive_cuda`` (and its files).
 
     python scripts/bench_adaptive.py                    # the full run
+    python scripts/bench_adaptive.py --device cuda --region-cache ""   # the ViT part on a GPU
     python scripts/bench_adaptive.py --limit 256 ...    # a smoke run (tests)
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
-from accel.eval.bench import accuracy, patched_copy  # noqa: E402
+from accel.eval.bench import accuracy, device_sync, patched_copy  # noqa: E402
 from accel.eval.plot import scatter_svg  # noqa: E402
 from accel.eval.report import format_table, replace_section, run_meta  # noqa: E402
 from accel.eval.timing import time_interleaved  # noqa: E402
@@ -64,7 +66,7 @@ def load_test_split(limit: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, s
 
 
 def classify(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)]).cpu()
 
 
 def work_done(model: Any, method: str) -> str:
@@ -85,10 +87,11 @@ def vit_variants(args: argparse.Namespace) -> Dict[str, Tuple[str, str, torch.nn
     """name -> (method, settings, model): every patched model of the table."""
     from accel.pipelines import load
 
-    base = load("fashion-vit")
+    base = load("fashion-vit").to(args.device)
     variants: Dict[str, Tuple[str, str, torch.nn.Module]] = {}
     if args.avit:
         avit_base, halting = load("fashion-vit-avit")
+        avit_base = avit_base.to(args.device)
         variants["avit backbone"] = ("avit backbone", "fine-tuned, unpatched", avit_base)
         for eps in args.avit:
             for mode in ("remove", "mask") if eps == args.avit[0] else ("remove",):
@@ -122,15 +125,17 @@ def bench_vit(args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], str, int]
     from accel.pipelines import load
 
     images, labels, data_note = load_test_split(args.limit)
+    images = images.to(args.device)
     timing_images = images[: args.timing_images]
-    baseline = load("fashion-vit")
+    baseline = load("fashion-vit").to(args.device)
     variants = vit_variants(args)
     calls = {"unpatched": lambda: classify(baseline, timing_images, args.batch)}
     calls.update({name: (lambda m=model: classify(m, timing_images, args.batch))
                   for name, (_, _, model) in variants.items()})
     print(f"timing {len(calls)} variants x {args.repeats} rounds on {len(timing_images)} images", flush=True)
     with torch.inference_mode():
-        timings = time_interleaved(calls, repeats=args.repeats, items_per_call=len(timing_images))
+        timings = time_interleaved(calls, repeats=args.repeats, items_per_call=len(timing_images),
+                                   sync=device_sync(args.device))
         base_acc = accuracy(classify(baseline, images, args.batch), labels)
         rows = [dict(method="-", settings="unpatched", items_s=timings["unpatched"].items_per_s, speedup=1.0,
                      accuracy=base_acc, drop_points=0.0, work="-")]
@@ -169,12 +174,12 @@ DIT_COLUMNS = [("settings", "settings", ""), ("steps", "steps", ""), ("s_per_ima
                ("class_accuracy", "class accuracy", ".3f")]
 
 
-def plot(rows: List[Dict[str, Any]]) -> str:
+def plot(rows: List[Dict[str, Any]], where: str) -> str:
     series: Dict[str, List[Tuple[float, float]]] = {}
     for row in rows:
         series.setdefault(row["method"] if row["method"] != "-" else "unpatched", []).append(
             (row["items_s"], 100 * row["accuracy"]))
-    return scatter_svg(series, title="fashion-vit: accuracy against throughput", xlabel="images/s (2-core CPU)",
+    return scatter_svg(series, title="fashion-vit: accuracy against throughput", xlabel=f"images/s ({where})",
                        ylabel="top-1 accuracy (%)")
 
 
@@ -198,6 +203,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the ViT part; fp32 either way)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON, SVG and benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -211,18 +217,22 @@ def main() -> None:
     print(dit_table)
     if args.no_write:
         return
-    meta = run_meta(" ".join(["python scripts/bench_adaptive.py"] + sys.argv[1:]), args.seed, "timm")
+    meta = run_meta(" ".join(["python scripts/bench_adaptive.py"] + sys.argv[1:]), args.seed, "timm",
+                    device=args.device)
     meta["weights"] = "the trained built-in models (assets/)"
+    gpu = torch.device(args.device).type == "cuda"
+    name = "bench_adaptive_cuda" if gpu else "bench_adaptive"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_adaptive.json").write_text(json.dumps(
+    (args.out / f"{name}.json").write_text(json.dumps(
         {"meta": meta, "data": data_note, "rows": rows, "dit_rows": dit_rows}, indent=2) + "\n")
-    (args.out / "bench_adaptive.svg").write_text(plot(rows))
+    where = torch.cuda.get_device_name(args.device) if gpu else f"{torch.get_num_threads()}-thread CPU"
+    (args.out / f"{name}.svg").write_text(plot(rows, where))
     section = (
         f"Measured {meta['date']} on {meta['machine']}. fp32, trained weights; accuracy on {data_note}; "
         f"throughput on the first {timed} of them in "
         f"batches of {args.batch}, every variant interleaved with the unpatched model over {args.repeats} "
         f"rounds, medians.\n\nCommand: `{meta['command']}`\n\n{table}\n\n![accuracy against throughput]"
-        f"(bench_adaptive.svg)\n"
+        f"({name}.svg)\n"
     )
     if dit_rows:
         section += (
@@ -231,7 +241,7 @@ def main() -> None:
             f"unpatched images and class accuracy (fashion-vit) on {args.dit_per_class} images per class with "
             f"fixed seeds.\n\n{dit_table}\n"
         )
-    replace_section(args.out / "benchmarks.md", "bench_adaptive", section)
+    replace_section(args.out / "benchmarks.md", name, section)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ Every variant runs interleaved with the baseline (rounds rotate the order), medi
 reference packages ``tomesd`` and ``DeepCache`` are included when installed (benchmark only,
 ``pip install tomesd DeepCache``). Closeness: PSNR of the final latents against the unpatched
 run's, with the latents' own range as the peak. Writes docs/bench_diffusion.json and the
-``bench_diffusion`` section of docs/benchmarks.md.
+``bench_diffusion`` section of docs/benchmarks.md (``bench_diffusion_cuda`` with --device cuda).
 
     python scripts/bench_diffusion.py                   # the full run (about 22 minutes on 2 cores)
+    python scripts/bench_diffusion.py --device cuda --dtype float16 --repeats 10 --repeats-large 20
     python scripts/bench_diffusion.py --config tiny ... # a smoke run (tests)
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
+from accel.eval.bench import device_sync  # noqa: E402
 from accel.eval.report import format_table, replace_section, run_meta  # noqa: E402
 from accel.eval.timing import time_interleaved  # noqa: E402
 
@@ -108,7 +110,7 @@ def latent_psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def run_variants(name: str, pipe: Any, variants: List[Variant], call: Callable[[], torch.Tensor],
-                 repeats: int, workload: str) -> List[Dict[str, Any]]:
+                 repeats: int, workload: str, device: str = "cpu") -> List[Dict[str, Any]]:
     """Time the unpatched call and each variant interleaved; PSNR of each output against the unpatched one."""
     def switched(enable: Callable, disable: Callable) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
@@ -131,7 +133,7 @@ def run_variants(name: str, pipe: Any, variants: List[Variant], call: Callable[[
                 failures[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
                 print(f"  {label} failed: {failures[label]}", flush=True)
         print(f"{name} {workload}: {len(calls)} variants x {repeats} rounds", flush=True)
-        timings = time_interleaved(calls, repeats=repeats, warmup=0)
+        timings = time_interleaved(calls, repeats=repeats, warmup=0, sync=device_sync(device))
     reference = outputs["unpatched"]
     rows = []
     for label, method, _, _ in [("unpatched", "-", None, None)] + variants:
@@ -158,17 +160,25 @@ def main() -> None:
     parser.add_argument("--repeats-large", type=int, default=2, help="interleaved rounds of the single-call workload")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workloads", default="loop,large", help="loop (64x64 scheduler loop), large (128x128 call)")
-    parser.add_argument("--section", default="bench_diffusion", help="section of benchmarks.md to write")
+    parser.add_argument("--section", default=None,
+                        help="section of benchmarks.md to write (default bench_diffusion, bench_diffusion_cuda on a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--match", default=None, help="only the variants whose label matches this regex")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    gpu = torch.device(args.device).type == "cuda"
+    if args.dtype != "float32" and not gpu:
+        parser.error("--dtype float16/bfloat16 is for GPUs; the CPU figures are fp32")
+    args.section = args.section or ("bench_diffusion_cuda" if gpu else "bench_diffusion")
     started = time.perf_counter()
     config = SD15_UNET if args.config == "sd15" else TINY_UNET
     name = "SD-1.5 UNet" if args.config == "sd15" else "tiny UNet"
-    pipe = build_pipeline(config, args.seed)
+    dtype = getattr(torch, args.dtype)
+    pipe = build_pipeline(config, args.seed).to(args.device, dtype)
     gen = torch.Generator().manual_seed(args.seed)
-    embeds = torch.randn(1, 77, config["cross_attention_dim"], generator=gen)
+    embeds = torch.randn(1, 77, config["cross_attention_dim"], generator=gen).to(args.device, dtype)
     side = config["sample_size"]
     vae_scale = pipe.vae_scale_factor
 
@@ -190,10 +200,10 @@ def main() -> None:
     rows: List[Dict[str, Any]] = []
     if "loop" in workloads:
         rows += run_variants(name, pipe, loop_variants, loop, args.repeats,
-                             f"{args.steps}-step DDIM loop, {side}x{side} latents")
+                             f"{args.steps}-step DDIM loop, {side}x{side} latents", args.device)
 
-    large = torch.randn(1, 4, 2 * side, 2 * side, generator=gen)
-    t = torch.tensor([500])
+    large = torch.randn(1, 4, 2 * side, 2 * side, generator=gen).to(args.device, dtype)
+    t = torch.tensor([500], device=args.device)
 
     def single() -> torch.Tensor:
         return pipe.unet(large, t, encoder_hidden_states=embeds).sample
@@ -209,18 +219,19 @@ def main() -> None:
         large_variants = [v for v in large_variants if re.search(args.match, v[0])]
     if "large" in workloads:
         rows += run_variants(name, pipe, large_variants, single, args.repeats_large,
-                             f"one UNet call, {2 * side}x{2 * side} latents")
+                             f"one UNet call, {2 * side}x{2 * side} latents", args.device)
 
     table = format_table(rows, COLUMNS)
     print(table)
     if args.no_write:
         return
-    meta = run_meta(" ".join(["python scripts/bench_diffusion.py"] + sys.argv[1:]), args.seed, "diffusers")
+    meta = run_meta(" ".join(["python scripts/bench_diffusion.py"] + sys.argv[1:]), args.seed, "diffusers",
+                    device=args.device, dtype=args.dtype)
     machine = meta["machine"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.section}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     replace_section(args.out / "benchmarks.md", args.section, (
-        f"Measured {meta['date']} on {machine}. {name} configuration, fp32, {meta['weights']} weights, batch 1 "
+        f"Measured {meta['date']} on {machine}. {name} configuration, {args.dtype}, {meta['weights']} weights, batch 1 "
         f"without guidance; baseline = the unpatched UNet (SDPA attention); interleaved in one process, medians "
         f"of {args.repeats} (loop) and {args.repeats_large} (single call) rounds.\n\nCommand: `{meta['command']}` "
         f"(the whole run: {(time.perf_counter() - started) / 60:.1f} minutes)\n\n"

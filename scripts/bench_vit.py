@@ -1,9 +1,11 @@
 """ToMe on timm ViTs: images/s and speedup against the unpatched model (fused SDPA attention).
 
 Baseline and every setting run interleaved in one process (medians of rounds), on seeded random
-weights, fp32. Writes docs/bench_vit.json and the ``bench_vit`` section of docs/benchmarks.md.
+weights, fp32 on the CPU. Writes docs/bench_vit.json and the ``bench_vit`` section of
+docs/benchmarks.md; on a GPU (--device cuda), docs/bench_vit_cuda.json and ``bench_vit_cuda``.
 
     python scripts/bench_vit.py                       # ViT-S/16 and ViT-B/16, batch 1 and 32, r 0/8/13/16
+    python scripts/bench_vit.py --device cuda --dtype float16 --batches 1,64,256 --models vit_base_patch16_224,vit_large_patch16_224
     python scripts/bench_vit.py --tome-original DIR   # also the original ToMe code (a checkout of
                                                       # facebookresearch/ToMe at DIR), same r values
 """
@@ -46,10 +48,15 @@ def bench_model(name: str, batches: List[int], rs: List[int], args: argparse.Nam
     import timm
 
     torch.manual_seed(args.seed)
-    model = timm.create_model(name, pretrained=False).eval()
+    dtype = getattr(torch, args.dtype)
+    model = timm.create_model(name, pretrained=False).eval().to(device=args.device, dtype=dtype)
     shape = model.pretrained_cfg.get("input_size", (3, 224, 224))
     gen = torch.Generator().manual_seed(args.seed)
-    agreement_inputs = torch.randn(args.agreement_batch, *shape, generator=gen)
+
+    def randn(*size: int) -> torch.Tensor:  # drawn on the CPU: the same images on every device
+        return torch.randn(*size, generator=gen).to(device=args.device, dtype=dtype)
+
+    agreement_inputs = randn(args.agreement_batch, *shape)
     variants = {f"r={r}": patched_copy(model, tome=accel.ToMe(r=r)) for r in rs}
     if args.tome_original:
         for r in rs:
@@ -57,7 +64,7 @@ def bench_model(name: str, batches: List[int], rs: List[int], args: argparse.Nam
                 variants[f"original ToMe r={r}"] = original_tome_copy(model, r, args.tome_original)
     rows = []
     for batch in batches:
-        inputs = torch.randn(batch, *shape, generator=gen)
+        inputs = randn(batch, *shape)
         repeats = args.repeats if batch > 1 else args.repeats_batch1
         print(f"{name} batch {batch}: {len(variants) + 1} variants x {repeats} rounds", flush=True)
         for row in compare_variants(model, variants, inputs, model_name=name, method="tome",
@@ -75,10 +82,14 @@ def main() -> None:
     parser.add_argument("--repeats-batch1", type=int, default=30, help="interleaved rounds for batch 1")
     parser.add_argument("--agreement-batch", type=int, default=32, help="images for top-1 agreement/cosine")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--tome-original", type=Path, default=None, help="checkout of facebookresearch/ToMe")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON and benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    if args.dtype != "float32" and torch.device(args.device).type == "cpu":
+        parser.error("--dtype float16/bfloat16 is for GPUs; the CPU figures are fp32")
 
     rows: List[Dict[str, Any]] = []
     for name in args.models:
@@ -87,18 +98,21 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    meta = run_meta(" ".join(["python scripts/bench_vit.py"] + sys.argv[1:]), args.seed, "timm")
+    meta = run_meta(" ".join(["python scripts/bench_vit.py"] + sys.argv[1:]), args.seed, "timm",
+                    device=args.device, dtype=args.dtype)
     machine = meta["machine"]
+    gpu = torch.device(args.device).type == "cuda"
+    name = "bench_vit_cuda" if gpu else "bench_vit"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_vit.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     section = (
-        f"Measured {meta['date']} on {machine}. fp32, {meta['weights']} weights, baseline = the unpatched "
+        f"Measured {meta['date']} on {machine}. {args.dtype}, {meta['weights']} weights, baseline = the unpatched "
         f"timm model (fused SDPA attention), interleaved in one process, medians. Agreement: on "
         f"{args.agreement_batch} seeded random images against the unpatched model's logits.\n\n"
         f"Command: `{meta['command']}`\n\n{table}\n"
     )
-    replace_section(args.out / "benchmarks.md", "bench_vit", section)
-    if args.out.resolve() == (ROOT / "docs").resolve():
+    replace_section(args.out / "benchmarks.md", name, section)
+    if args.out.resolve() == (ROOT / "docs").resolve() and not gpu:
         replace_section(ROOT / "README.md", "readme_figures", readme_summary(rows, meta))
 
 

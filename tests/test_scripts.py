@@ -21,6 +21,13 @@ def test_bench_vit_writes_json_and_markdown(tmp_path):
     assert "<!-- bench_vit:start -->" in md and "| vit_tiny_patch16_224 | 2 | tome | r=4 |" in md
 
 
+@pytest.mark.parametrize("script", ["bench_vit.py", "bench_diffusion.py"])
+def test_half_precision_is_refused_on_the_cpu(script):
+    cmd = [sys.executable, str(ROOT / "scripts" / script), "--dtype", "float16", "--no-write"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--dtype" in done.stderr and "GPU" in done.stderr
+
+
 def test_bench_diffusion_runs_every_variant_and_writes_markdown(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_diffusion.py"), "--config", "tiny", "--steps", "3",
            "--repeats", "1", "--repeats-large", "1", "--out", str(tmp_path)]

@@ -9,7 +9,8 @@ import torch
 
 from .timing import time_interleaved
 
-__all__ = ["BenchRow", "accuracy", "top1_agreement", "logit_cosine", "compare_variants", "patched_copy"]
+__all__ = ["BenchRow", "accuracy", "top1_agreement", "logit_cosine", "compare_variants", "patched_copy",
+           "device_sync"]
 
 
 @dataclass
@@ -45,6 +46,14 @@ def logit_cosine(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(logits.float(), reference.float(), dim=-1).mean().item()
 
 
+def device_sync(device: Any) -> Optional[Callable[[], None]]:
+    """What waits for ``device``'s queued work (``torch.cuda.synchronize`` on CUDA), None on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
 def patched_copy(model: torch.nn.Module, **methods: Any) -> torch.nn.Module:
     """A deep copy of ``model`` with ``accel.patch(copy, **methods)`` applied."""
     from .. import api
@@ -70,7 +79,8 @@ def compare_variants(
     calls = {"baseline": lambda: baseline(inputs)}
     calls.update({name: (lambda fn=fn: fn(inputs)) for name, fn in variants.items()})
     with torch.inference_mode():
-        timings = time_interleaved(calls, repeats=repeats, warmup=warmup, items_per_call=batch)
+        timings = time_interleaved(calls, repeats=repeats, warmup=warmup, items_per_call=batch,
+                                   sync=device_sync(inputs.device))
         check = inputs if agreement_inputs is None else agreement_inputs
         reference = baseline(check)
         base_acc = None if labels is None else accuracy(reference, labels)

@@ -65,21 +65,26 @@ def replace_section(path: Path, name: str, content: str) -> None:
     path.write_text(text.lstrip("\n"))
 
 
-def machine_description(*packages: str) -> str:
-    """Where figures were measured: ``"x86_64 CPU, 2 threads; torch 2.x, timm 1.x, Python 3.11.7"``."""
+def machine_description(*packages: str, device: Any = "cpu") -> str:
+    """Where figures were measured: ``"x86_64 CPU, 2 threads; torch 2.x, timm 1.x, Python 3.11.7"``,
+    or the GPU's name first (``"NVIDIA H100 80GB HBM3 (CUDA 13.0), x86_64 host; ..."``)."""
     import importlib
     import platform
 
     import torch
 
     versions = ", ".join(f"{name} {importlib.import_module(name).__version__}" for name in ("torch",) + packages)
-    return (f"{platform.machine()} CPU, {torch.get_num_threads()} threads; {versions}, "
-            f"Python {platform.python_version()}")
+    device = torch.device(device)
+    where = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), {platform.machine()} host"
+    return f"{where}; {versions}, Python {platform.python_version()}"
 
 
-def run_meta(command: str, seed: int, *packages: str) -> Dict[str, Any]:
+def run_meta(command: str, seed: int, *packages: str, device: Any = "cpu",
+             dtype: str = "float32") -> Dict[str, Any]:
     """The record a benchmark script keeps beside its rows: date, machine, dtype, weights, command."""
     import datetime
 
-    return {"date": datetime.date.today().isoformat(), "machine": machine_description(*packages),
-            "dtype": "float32", "weights": f"seeded random (seed {seed})", "command": command}
+    return {"date": datetime.date.today().isoformat(), "machine": machine_description(*packages, device=device),
+            "dtype": dtype, "weights": f"seeded random (seed {seed})", "command": command}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["Timing", "time_interleaved"]
 
@@ -41,15 +41,19 @@ def time_interleaved(
     warmup: int = 1,
     items_per_call: int = 1,
     clock: Callable[[], float] = time.perf_counter,
+    sync: Optional[Callable[[], Any]] = None,
 ) -> Dict[str, Timing]:
     """Run every variant ``warmup`` times, then ``repeats`` rounds of one call each.
 
     Round k starts with variant k (mod the number of variants), so no variant always runs
-    right after the same neighbour. Returns {name: Timing} in the order given.
+    right after the same neighbour. ``sync`` (e.g. ``torch.cuda.synchronize``) is called before
+    each call's clock starts and before it stops, so asynchronous devices are timed to completion.
+    Returns {name: Timing} in the order given.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     names = list(variants)
+    wait = sync or (lambda: None)
     for _ in range(warmup):
         for name in names:
             variants[name]()
@@ -57,7 +61,9 @@ def time_interleaved(
     for k in range(repeats):
         shift = k % len(names)
         for name in names[shift:] + names[:shift]:
+            wait()
             start = clock()
             variants[name]()
+            wait()
             timings[name].seconds.append(clock() - start)
     return timings

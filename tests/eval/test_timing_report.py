@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from accel.eval.bench import logit_cosine, top1_agreement
-from accel.eval.report import BENCH_COLUMNS, format_table, replace_section
+from accel.eval.bench import device_sync, logit_cosine, top1_agreement
+from accel.eval.report import BENCH_COLUMNS, format_table, machine_description, replace_section, run_meta
 from accel.eval.timing import time_interleaved
 
 
@@ -37,6 +37,38 @@ def test_interleaving_rotates_order_and_reports_medians():
     assert timings["a"].speedup_over(timings["b"]) == 10.0
     with pytest.raises(ValueError, match="repeats"):
         time_interleaved({"a": variant("a")}, repeats=0)
+
+
+def test_sync_brackets_every_timed_call():
+    """An asynchronous device is waited for before the clock starts and before it stops, so the
+    queued work of a call counts in its own time and not in the next variant's."""
+    clock, events = FakeClock(), []
+    queued = {"a": 5.0, "b": 1.0}  # work a call leaves queued, done only at the next sync
+
+    def variant(name):
+        def run():
+            events.append(name)
+            clock.pending = queued[name]
+        return run
+
+    def sync():
+        events.append("sync")
+        clock.now += getattr(clock, "pending", 0.0)
+        clock.pending = 0.0
+
+    timings = time_interleaved({"a": variant("a"), "b": variant("b")}, repeats=2, warmup=0, clock=clock, sync=sync)
+    assert events == ["sync", "a", "sync", "sync", "b", "sync", "sync", "b", "sync", "sync", "a", "sync"]
+    assert timings["a"].seconds == [5.0, 5.0] and timings["b"].seconds == [1.0, 1.0]
+    unsynced = time_interleaved({"a": variant("a"), "b": variant("b")}, repeats=1, warmup=0, clock=clock)
+    assert unsynced["a"].seconds == [0.0]  # without sync the queued work is not seen
+
+
+def test_device_sync_and_machine_description_on_the_cpu():
+    assert device_sync("cpu") is None and device_sync(torch.device("cpu")) is None
+    text = machine_description("numpy")
+    assert "CPU" in text and f"{torch.get_num_threads()} threads" in text and "numpy" in text
+    meta = run_meta("python x.py", 3, dtype="float16")
+    assert meta["dtype"] == "float16" and meta["weights"] == "seeded random (seed 3)" and "CPU" in meta["machine"]
 
 
 def test_agreement_metrics_on_known_numbers():
