@@ -28,6 +28,12 @@ def test_half_precision_is_refused_on_the_cpu(script):
     assert done.returncode == 2 and "--dtype" in done.stderr and "GPU" in done.stderr
 
 
+def test_gpu_probe_says_what_it_needs():
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_probe.py"), "deepcache"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "needs a CUDA device" in done.stderr
+
+
 def test_bench_diffusion_runs_every_variant_and_writes_markdown(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_diffusion.py"), "--config", "tiny", "--steps", "3",
            "--repeats", "1", "--repeats-large", "1", "--out", str(tmp_path)]

@@ -1,0 +1,122 @@
+"""Two GPU probes behind readings in docs/benchmarks.md (needs CUDA; the reference DeepCache
+package for the first):
+
+    python scripts/gpu_probe.py deepcache   # per-step times of DeepCache N=3/5, ours against the reference
+    python scripts/gpu_probe.py compile     # ToMe r=16 on ViT-B/16, batch 64, fp16: eager and torch.compile
+
+deepcache: SD-1.5-configuration UNet (seeded random weights), fp16, 10-step DDIM at 512 px, batch
+1; the scheduler's ``step`` is wrapped to synchronise and take a timestamp, so each step's time is
+its own. 20 interleaved rounds (order rotated), medians per step.
+compile: unpatched and ToMe-patched models, eager and compiled (``mode="default"`` and
+``"reduce-overhead"``, i.e. CUDA graphs), interleaved, images/s. Prints JSON lines.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import accel  # noqa: E402
+from accel.eval.timing import time_interleaved  # noqa: E402
+
+
+def deepcache_steps(rounds: int = 20) -> dict:
+    from DeepCache import DeepCacheSDHelper
+    from bench_diffusion import SD15_UNET, build_pipeline
+
+    pipe = build_pipeline(SD15_UNET, 0).to("cuda", torch.float16)
+    embeds = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)
+    stamps = []
+    step = pipe.scheduler.step
+
+    def timed_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return out
+
+    pipe.scheduler.step = timed_step
+
+    def loop():
+        stamps.clear()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        pipe(prompt_embeds=embeds, num_inference_steps=10, guidance_scale=1.0, height=512, width=512,
+             output_type="latent", generator=torch.Generator().manual_seed(1))
+        return [b - a for a, b in zip([start] + stamps[:-1], stamps)]
+
+    def ours(n):
+        def run():
+            accel.patch(pipe, deepcache=n)
+            try:
+                return loop()
+            finally:
+                accel.unpatch(pipe)
+        return run
+
+    def reference(n):
+        def run():
+            helper = DeepCacheSDHelper(pipe=pipe)
+            helper.set_params(cache_interval=n, cache_branch_id=0)
+            helper.enable()
+            try:
+                return loop()
+            finally:
+                helper.disable()
+        return run
+
+    variants = {"unpatched": loop, "accel N=5": ours(5), "DeepCache N=5": reference(5),
+                "accel N=3": ours(3), "DeepCache N=3": reference(3)}
+    names, runs = list(variants), {name: [] for name in variants}
+    with torch.inference_mode():
+        for fn in variants.values():
+            fn()
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                runs[name].append(variants[name]())
+    out = {}
+    for name, steps in runs.items():
+        per_step = [statistics.median(s[i] for s in steps) for i in range(len(steps[0]))]
+        out[name] = {"total_ms": round(1000 * sum(per_step), 1), "per_step_ms": [round(1000 * t, 2) for t in per_step]}
+        print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
+def tome_compiled(name: str = "vit_base_patch16_224", batch: int = 64, r: int = 16) -> dict:
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model(name).eval().to("cuda", torch.float16)
+    tome = accel.patch(copy.deepcopy(base), tome=r)
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
+    calls = {"eager": base, f"eager tome r={r}": tome}
+    with torch.inference_mode():
+        for mode in ("default", "reduce-overhead"):
+            for label, model in (("compiled", base), (f"compiled tome r={r}", tome)):
+                compiled = torch.compile(model, mode=mode)
+                for _ in range(3):
+                    compiled(x)
+                calls[f"{label} {mode}"] = compiled
+        timings = time_interleaved({k: (lambda m=m: m(x)) for k, m in calls.items()}, repeats=15,
+                                   items_per_call=batch, sync=torch.cuda.synchronize)
+    out = {k: round(t.items_per_s, 1) for k, t in timings.items()}
+    print(json.dumps({f"{name} batch {batch}": out}), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_probe.py needs a CUDA device")
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what not in ("deepcache", "compile"):
+        raise SystemExit("usage: python scripts/gpu_probe.py deepcache|compile")
+    deepcache_steps() if what == "deepcache" else tome_compiled()
