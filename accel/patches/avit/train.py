@@ -63,10 +63,10 @@ def training_loss(model: Any, logits: torch.Tensor, labels: torch.Tensor, *, pri
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher / T) || softmax(logits / T))``, averaged over the batch (Hinton et al.)."""
     if teacher_logits.shape != logits.shape:
-        raise ValueError(f"avit.training_loss: teacher_logits must have the shape of logits {tuple(logits.shape)}; "
+        raise ValueError(f"avit: teacher_logits must have the shape of logits {tuple(logits.shape)}; "
                          f"got {tuple(teacher_logits.shape)}")
     if not temperature > 0:
-        raise ValueError(f"avit.training_loss: temperature must be > 0; got {temperature}")
+        raise ValueError(f"avit: temperature must be > 0; got {temperature}")
     target = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     student = F.log_softmax(logits.float() / temperature, dim=-1)
     return F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature ** 2
