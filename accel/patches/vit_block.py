@@ -7,14 +7,15 @@ Shapes: ``x: [B, N, C]``; per-head tensors ``[B, H, N, head_dim]``.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+import functools
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..families import qualified_name
 
-__all__ = ["vit_blocks", "is_post_norm", "intermediates_as_tokens", "split_heads", "merge_heads", "attention", "attn_residual",
+__all__ = ["vit_blocks", "hook_blocks", "patch_grid", "is_post_norm", "intermediates_as_tokens", "split_heads", "merge_heads", "attention", "attn_residual",
            "mlp_residual", "block_forward"]
 
 
@@ -36,6 +37,26 @@ def vit_blocks(model: Any, method: str, supported: str) -> List[Any]:
                 f"{method} cannot serve correctly (rotary, parallel or custom blocks); supported: {supported}"
             )
     return blocks
+
+
+def hook_blocks(patch: Any, forward: Callable[..., Any], describe: Callable[[int], str]) -> None:
+    """Hook every block of ``patch.blocks`` with ``forward(index, block, call_next, ...)`` and
+    report it in ``patch.patched_modules`` as ``blocks.<i>``: ``describe(i)``."""
+    for i, blk in enumerate(patch.blocks):
+        patch.hooks.add(blk, functools.partial(forward, i))
+        patch.patched_modules[f"blocks.{i}"] = describe(i)
+
+
+def patch_grid(model: Any, x: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """The patch grid ``(gh, gw)`` that ``model.patch_embed`` gives an image batch ``x: [B, C, H, W]``,
+    or None (no patch embedding, or not an image batch)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or x.dim() != 4:
+        return None
+    if getattr(model, "dynamic_img_size", False) and callable(getattr(embed, "dynamic_feat_size", None)):
+        return tuple(int(s) for s in embed.dynamic_feat_size(tuple(x.shape[-2:])))
+    grid = getattr(embed, "grid_size", None)
+    return None if grid is None else tuple(int(s) for s in grid)
 
 
 def is_post_norm(block: Any) -> bool:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ...families import is_timm_vit, qualified_name
 from ..base import MethodPatch
-from ..vit_block import attn_residual, block_forward, is_post_norm, merge_heads, mlp_residual, split_heads, vit_blocks
+from ..vit_block import (attn_residual, block_forward, is_post_norm, merge_heads, mlp_residual, patch_grid,
+                         split_heads, vit_blocks)
 from .config import AViT
 from .halting import HaltingState, halting_score
 
@@ -92,7 +93,7 @@ class AViTTimm(MethodPatch):
             if getattr(model, "grad_checkpointing", False):
                 raise ValueError("avit: gradient checkpointing runs the blocks outside model.blocks' forward, "
                                  "which A-ViT needs; call model.set_grad_checkpointing(False)")
-        self.state.reset(grid=_grid(model, x))
+        self.state.reset(grid=patch_grid(model, x))
         return call_next(x, *args, **kwargs)
 
     def _forward_intermediates(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
@@ -222,14 +223,3 @@ def _per_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, imag
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keys)  # [B, H, n_max, D]
     out = out.transpose(1, 2).reshape(batch * longest, heads, dim).index_select(0, rows)  # [T, H, D]
     return out.transpose(0, 1)[None]
-
-
-def _grid(model: Any, x: torch.Tensor) -> Optional[Tuple[int, int]]:
-    """The patch grid ``(gh, gw)`` an image batch ``x: [B, C, H, W]`` gives, or None."""
-    embed = getattr(model, "patch_embed", None)
-    if embed is None or x.dim() != 4:
-        return None
-    if getattr(model, "dynamic_img_size", False) and callable(getattr(embed, "dynamic_feat_size", None)):
-        return tuple(embed.dynamic_feat_size(tuple(x.shape[-2:])))
-    grid = getattr(embed, "grid_size", None)
-    return None if grid is None else tuple(grid)

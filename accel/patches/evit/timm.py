@@ -14,7 +14,6 @@ shapes stay static (no host sync).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 
 from ...families import qualified_name
 from ..base import MethodPatch
-from ..vit_block import (attn_residual, intermediates_as_tokens, is_post_norm, merge_heads, mlp_residual, split_heads,
-                         vit_blocks)
+from ..vit_block import (attn_residual, hook_blocks, intermediates_as_tokens, is_post_norm, merge_heads,
+                         mlp_residual, split_heads, vit_blocks)
 from .config import EViT
 from .keep import cls_attention, keep_and_fuse, num_kept
 
@@ -78,10 +77,8 @@ class EViTTimm(MethodPatch):
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:
         self.state = EViTState()
-        for i, blk in enumerate(self.blocks):
-            self.hooks.add(blk, functools.partial(self._block_forward, i))
-            what = f"keep {self.config.keep_rate:g}" if i in self.locations else "count tokens"
-            self.patched_modules[f"blocks.{i}"] = what
+        hook_blocks(self, self._block_forward,
+                    lambda i: f"keep {self.config.keep_rate:g}" if i in self.locations else "count tokens")
         if callable(getattr(self.target, "forward_intermediates", None)):
             self.hooks.add(self.target, self._forward_intermediates, "forward_intermediates")
 

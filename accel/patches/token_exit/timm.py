@@ -17,7 +17,6 @@ shapes, so ``torch.compile`` needs ``dynamic=True`` (or expect recompiles).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 from ...families import is_timm_vit
 from ..avit.halting import halting_score
 from ..base import MethodPatch
-from ..vit_block import attn_residual, is_post_norm, merge_heads, mlp_residual, split_heads, vit_blocks
+from ..vit_block import (attn_residual, hook_blocks, is_post_norm, merge_heads, mlp_residual, patch_grid,
+                         split_heads, vit_blocks)
 from .config import TokenExit
 from .frozen import active_first, exits, relative_update
 
@@ -92,23 +92,14 @@ class TokenExitTimm(MethodPatch):
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:
         self.state = TokenExitState()
-        for i, blk in enumerate(self.blocks):
-            self.hooks.add(blk, functools.partial(self._block_forward, i))
-            self.patched_modules[f"blocks.{i}"] = f"active tokens only; exit below {self.config.threshold:g}"
+        hook_blocks(self, self._block_forward, lambda i: f"active tokens only; exit below {self.config.threshold:g}")
         self.hooks.add(self.target.patch_embed, self._patch_embed)
         self.patched_modules["patch_embed"] = "record the patch grid"
 
     # -- hooks ----------------------------------------------------------------------------------
     def _patch_embed(self, module: Any, call_next: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = call_next(x, *args, **kwargs)
-        feats = out[0] if isinstance(out, tuple) else out
-        if feats.dim() == 4:  # NHWC (dynamic_img_size)
-            self.state.grid = (int(feats.shape[1]), int(feats.shape[2]))
-        elif callable(getattr(module, "dynamic_feat_size", None)):
-            self.state.grid = tuple(int(s) for s in module.dynamic_feat_size(tuple(x.shape[-2:])))
-        else:
-            self.state.grid = tuple(int(s) for s in module.grid_size)
-        return out
+        self.state.grid = patch_grid(self.target, x)
+        return call_next(x, *args, **kwargs)
 
     def _block_forward(self, index: int, block: Any, call_next: Any, x: torch.Tensor,
                        attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:

@@ -14,7 +14,6 @@ tokens ``[B, N', C]`` with ``N' <= N``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 
 from ...families import qualified_name
 from ..base import MethodPatch
-from ..vit_block import (attn_residual, intermediates_as_tokens, is_post_norm, merge_heads, mlp_residual, split_heads,
-                         vit_blocks)
+from ..vit_block import (attn_residual, hook_blocks, intermediates_as_tokens, is_post_norm, merge_heads,
+                         mlp_residual, split_heads, vit_blocks)
 from .config import ToMe
 from .merge import bipartite_soft_matching, initial_source, merge_source, merge_weighted
 
@@ -82,9 +81,7 @@ class ToMeTimm(MethodPatch):
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:
         self.state = ToMeState()
-        for i, blk in enumerate(self.blocks):
-            self.hooks.add(blk, functools.partial(self._block_forward, i))
-            self.patched_modules[f"blocks.{i}"] = f"merge r={self.schedule[i]}"
+        hook_blocks(self, self._block_forward, lambda i: f"merge r={self.schedule[i]}")
         if callable(getattr(self.target, "pool", None)):
             self.hooks.add(self.target, self._pool, "pool")
             self.patched_modules["pool"] = "size-weighted average"
