@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 import accel  # noqa: E402
 from accel.eval.bench import accuracy, device_sync, patched_copy  # noqa: E402
 from accel.eval.plot import scatter_svg  # noqa: E402
-from accel.eval.report import format_table, replace_section, run_meta  # noqa: E402
+from accel.eval.report import (add_device_args, checked_device, device_section, format_table,  # noqa: E402
+                               replace_section, run_meta)
 from accel.eval.timing import time_interleaved  # noqa: E402
 
 VIT_COLUMNS = [
@@ -203,10 +204,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (the ViT part; fp32 either way)")
+    add_device_args(parser, half=False, help="cpu or cuda (the ViT part; fp32 either way)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON, SVG and benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    gpu = checked_device(parser, args)
     torch.manual_seed(args.seed)
 
     rows, data_note, timed = bench_vit(args)
@@ -220,8 +222,7 @@ def main() -> None:
     meta = run_meta(" ".join(["python scripts/bench_adaptive.py"] + sys.argv[1:]), args.seed, "timm",
                     device=args.device)
     meta["weights"] = "the trained built-in models (assets/)"
-    gpu = torch.device(args.device).type == "cuda"
-    name = "bench_adaptive_cuda" if gpu else "bench_adaptive"
+    name = device_section("bench_adaptive", gpu)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(
         {"meta": meta, "data": data_note, "rows": rows, "dit_rows": dit_rows}, indent=2) + "\n")

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
 from accel.eval.bench import device_sync  # noqa: E402
-from accel.eval.report import format_table, replace_section, run_meta  # noqa: E402
+from accel.eval.report import (add_device_args, checked_device, device_section, format_table,  # noqa: E402
+                               replace_section, run_meta)
 from accel.eval.timing import time_interleaved  # noqa: E402
 
 # runwayml/stable-diffusion-v1-5's unet/config.json (the fields that differ from diffusers' defaults)
@@ -162,16 +163,12 @@ def main() -> None:
     parser.add_argument("--workloads", default="loop,large", help="loop (64x64 scheduler loop), large (128x128 call)")
     parser.add_argument("--section", default=None,
                         help="section of benchmarks.md to write (default bench_diffusion, bench_diffusion_cuda on a GPU)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_device_args(parser)
     parser.add_argument("--match", default=None, help="only the variants whose label matches this regex")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    gpu = torch.device(args.device).type == "cuda"
-    if args.dtype != "float32" and not gpu:
-        parser.error("--dtype float16/bfloat16 is for GPUs; the CPU figures are fp32")
-    args.section = args.section or ("bench_diffusion_cuda" if gpu else "bench_diffusion")
+    args.section = args.section or device_section("bench_diffusion", checked_device(parser, args))
     started = time.perf_counter()
     config = SD15_UNET if args.config == "sd15" else TINY_UNET
     name = "SD-1.5 UNet" if args.config == "sd15" else "tiny UNet"

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
 from accel.eval.bench import compare_variants, patched_copy  # noqa: E402
-from accel.eval.report import BENCH_COLUMNS, format_table, replace_section, run_meta  # noqa: E402
+from accel.eval.report import (BENCH_COLUMNS, add_device_args, checked_device, device_section,  # noqa: E402
+                               format_table, replace_section, run_meta)
 
 
 def _list(cast):
@@ -82,14 +83,12 @@ def main() -> None:
     parser.add_argument("--repeats-batch1", type=int, default=30, help="interleaved rounds for batch 1")
     parser.add_argument("--agreement-batch", type=int, default=32, help="images for top-1 agreement/cosine")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_device_args(parser)
     parser.add_argument("--tome-original", type=Path, default=None, help="checkout of facebookresearch/ToMe")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON and benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    if args.dtype != "float32" and torch.device(args.device).type == "cpu":
-        parser.error("--dtype float16/bfloat16 is for GPUs; the CPU figures are fp32")
+    gpu = checked_device(parser, args)
 
     rows: List[Dict[str, Any]] = []
     for name in args.models:
@@ -101,8 +100,7 @@ def main() -> None:
     meta = run_meta(" ".join(["python scripts/bench_vit.py"] + sys.argv[1:]), args.seed, "timm",
                     device=args.device, dtype=args.dtype)
     machine = meta["machine"]
-    gpu = torch.device(args.device).type == "cuda"
-    name = "bench_vit_cuda" if gpu else "bench_vit"
+    name = device_section("bench_vit", gpu)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     section = (

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 __all__ = ["Column", "BENCH_COLUMNS", "ACCURACY_COLUMNS", "format_table", "replace_section", "machine_description",
-           "run_meta"]
+           "run_meta", "add_device_args", "checked_device", "device_section"]
 
 Column = Tuple[str, str, str]  # (key in the row dict, header, format spec)
 
@@ -88,3 +88,27 @@ def run_meta(command: str, seed: int, *packages: str, device: Any = "cpu",
 
     return {"date": datetime.date.today().isoformat(), "machine": machine_description(*packages, device=device),
             "dtype": dtype, "weights": f"seeded random (seed {seed})", "command": command}
+
+
+def add_device_args(parser: Any, *, half: bool = True, help: str = "cpu or cuda") -> None:
+    """The benchmark scripts' ``--device`` (and, with ``half``, ``--dtype``) options."""
+    parser.add_argument("--device", default="cpu", help=help)
+    if half:
+        parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def checked_device(parser: Any, args: Any) -> bool:
+    """Whether ``args.device`` is a GPU; half precision on the CPU is a parser error (the CPU
+    figures are fp32)."""
+    import torch
+
+    gpu = torch.device(args.device).type == "cuda"
+    if getattr(args, "dtype", "float32") != "float32" and not gpu:
+        parser.error("--dtype float16/bfloat16 is for GPUs; the CPU figures are fp32")
+    return gpu
+
+
+def device_section(name: str, gpu: bool) -> str:
+    """The section of benchmarks.md (and stem of the JSON) a run writes: GPU runs get their own."""
+    return f"{name}_cuda" if gpu else name
+

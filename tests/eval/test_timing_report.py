@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from accel.eval.bench import device_sync, logit_cosine, top1_agreement
-from accel.eval.report import BENCH_COLUMNS, format_table, machine_description, replace_section, run_meta
+from accel.eval.report import (BENCH_COLUMNS, device_section, format_table, machine_description, replace_section,
+                               run_meta)
 from accel.eval.timing import time_interleaved
 
 
@@ -69,6 +70,7 @@ def test_device_sync_and_machine_description_on_the_cpu():
     assert "CPU" in text and f"{torch.get_num_threads()} threads" in text and "numpy" in text
     meta = run_meta("python x.py", 3, dtype="float16")
     assert meta["dtype"] == "float16" and meta["weights"] == "seeded random (seed 3)" and "CPU" in meta["machine"]
+    assert device_section("bench_vit", False) == "bench_vit" and device_section("bench_vit", True) == "bench_vit_cuda"
 
 
 def test_agreement_metrics_on_known_numbers():
