@@ -95,7 +95,7 @@ def main() -> None:
     model = load_fashion_vit().to(device)
     teacher = load_fashion_vit().to(device) if args.distill_weight else None
     config = accel.AViT(gamma=args.gamma, beta=args.beta, eps=args.eps)
-    prior = accel.avit.gaussian_prior(len(model.blocks), args.prior_mean, args.prior_std)
+    prior = accel.avit.gaussian_prior(len(model.blocks), args.prior_mean, args.prior_std).to(device)
     accel.patch(model, avit=accel.AViT(gamma=args.gamma, beta=args.beta, eps=args.eps, mode="mask"))
     recent = []
 
@@ -106,7 +106,7 @@ def main() -> None:
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(x)
-        loss, parts = accel.avit.training_loss(model, model(x), train_y[idx].to(device), prior=prior.to(device),
+        loss, parts = accel.avit.training_loss(model, model(x), train_y[idx].to(device), prior=prior,
                                                ponder_weight=args.ponder_weight, kl_weight=args.kl_weight,
                                                label_smoothing=args.label_smoothing, teacher_logits=teacher_logits,
                                                distill_weight=args.distill_weight, temperature=args.temperature)
