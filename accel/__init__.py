@@ -13,41 +13,23 @@ from __future__ import annotations
 import sys as _sys
 
 from .api import available_methods, describe, patch, patched, unpatch
-from .patches import avit, deepcache, early_exit, evit, region_cache, token_exit, tome
-from .patches.avit import AViT
-from .patches.deepcache import DeepCache
-from .patches.early_exit import EarlyExit
-from .patches.evit import EViT
-from .patches.region_cache import RegionCache
-from .patches.token_exit import TokenExit
-from .patches.tome import ToMe
+from .patches.base import MethodPatch
+from .patches.registry import Method, methods as _methods, register, unregister
 
 __version__ = "0.1.0"
 
-# ``from accel.tome import ...`` works like ``accel.tome.<name>``: each method's package is
-# reachable from the top (DESIGN.md, section 1).
-for _package in (tome, deepcache, avit, evit, early_exit, token_exit, region_cache):
-    _sys.modules[__name__ + "." + _package.__name__.rsplit(".", 1)[1]] = _package
+__all__ = ["patch", "unpatch", "patched", "describe", "available_methods", "register", "unregister", "Method",
+           "MethodPatch", "__version__"]
 
-__all__ = [
-    "patch",
-    "unpatch",
-    "patched",
-    "describe",
-    "available_methods",
-    "ToMe",
-    "tome",
-    "DeepCache",
-    "deepcache",
-    "AViT",
-    "avit",
-    "EViT",
-    "evit",
-    "EarlyExit",
-    "early_exit",
-    "TokenExit",
-    "token_exit",
-    "RegionCache",
-    "region_cache",
-    "__version__",
-]
+# Each registered method is reachable from the top, derived from the registry so a new method
+# needs no edit here: its config class (``accel.ToMe``) and its package for its own helpers
+# (``accel.tome.get_source``), which ``from accel.tome import ...`` also finds.
+for _method in _methods():
+    if _method.package is not None:
+        _package = _sys.modules[_method.package]
+        globals()[_method.name] = _package
+        _sys.modules[f"{__name__}.{_method.name}"] = _package
+        __all__.append(_method.name)
+    globals()[_method.config.__name__] = _method.config
+    __all__.append(_method.config.__name__)
+del _method, _package

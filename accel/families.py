@@ -6,10 +6,10 @@ instead of importing; ``import accel`` stays cheap and framework-free.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, List, Tuple
 
 __all__ = ["qualified_name", "is_loaded_instance", "is_timm_vit", "is_compiled_module", "is_diffusers_pipeline",
-           "family"]
+           "parts", "family"]
 
 
 def qualified_name(obj: Any) -> str:
@@ -31,6 +31,18 @@ def is_loaded_instance(obj: Any, module_name: str, class_name: str) -> bool:
 def is_diffusers_pipeline(obj: Any) -> bool:
     """Any diffusers ``DiffusionPipeline`` (text-to-image, img2img, inpaint, ControlNet, DiT, PixArt ...)."""
     return is_loaded_instance(obj, "diffusers.pipelines.pipeline_utils", "DiffusionPipeline")
+
+
+def parts(obj: Any) -> List[Tuple[str, Any]]:
+    """(name, object) of the components a diffusers pipeline holds (its UNet or transformer, VAE,
+    text encoders, scheduler ...): what a patch on the pipeline may hook. Empty for anything else."""
+    if not is_diffusers_pipeline(obj):
+        return []
+    # registered modules appear in the config as (library, class name); ``components`` would also
+    # check the pipeline's signature and raise for a pipeline built by hand
+    found = [(name, getattr(obj, name, None)) for name, value in dict(getattr(obj, "config", {})).items()
+             if not name.startswith("_") and isinstance(value, (tuple, list)) and len(value) == 2]
+    return [(name, part) for name, part in found if part is not None and hasattr(part, "__dict__")]
 
 
 def is_timm_vit(obj: Any) -> bool:

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import accel
-from accel import api
 from accel.patches.base import MethodPatch
 from tests.conftest import images, make_vit
 
@@ -94,6 +93,12 @@ class Scale:
 class ScaleLogits(MethodPatch):
     """A stand-in second method: multiplies the model output, optionally failing to install."""
 
+    SUPPORTED = "modules"
+
+    @classmethod
+    def matches(cls, obj):
+        return isinstance(obj, nn.Module)
+
     def _install(self):
         factor, fail = self.config.factor, self.config.fail
         self.hooks.add(self.target, lambda m, call_next, *a, **k: call_next(*a, **k) * factor)
@@ -103,9 +108,10 @@ class ScaleLogits(MethodPatch):
 
 
 @pytest.fixture
-def scale_method(monkeypatch):
-    method = api.Method(lambda v: v, (api.Adapter(lambda obj: isinstance(obj, nn.Module), ScaleLogits, "modules"),))
-    monkeypatch.setitem(api._METHODS, "scale", method)
+def scale_method():
+    method = accel.register(accel.Method("scale", Scale, (ScaleLogits,)))
+    yield method
+    accel.unregister("scale")
 
 
 def test_methods_compose_and_unpatch_one_at_a_time(setup, scale_method):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from ..hooks import HookGroup
 
@@ -15,16 +15,18 @@ def config_dict(config: Any) -> Dict[str, Any]:
 
 
 class MethodPatch:
-    """Base class of the adapters.
+    """Base class of the adapters: one method on one kind of object.
 
-    A subclass validates everything in ``__init__`` (raising ``TypeError``/``ValueError`` without
-    touching the object), adds its hooks in ``_install`` through ``self.hooks`` only, and keeps
-    its per-call state in ``self.state``. ``install`` is atomic: a failure half-way removes the
-    hooks already added. ``install`` after ``uninstall`` works again, so a replaced patch can be
+    A subclass says which objects it serves (``matches``, and ``SUPPORTED`` for the error that
+    names them), validates everything in ``__init__`` (raising ``TypeError``/``ValueError``
+    without touching the object), adds its hooks in ``_install`` through ``self.hooks`` only, and
+    keeps its per-call state in ``self.state``. ``install`` is atomic: a failure half-way removes
+    the hooks already added. ``install`` after ``uninstall`` works again, so a replaced patch can be
     put back.
     """
 
     method: str = ""
+    SUPPORTED: ClassVar[str] = ""  # the objects this adapter serves, in words
 
     def __init__(self, target: Any, config: Any) -> None:
         self.target = target
@@ -34,12 +36,22 @@ class MethodPatch:
         self.patched_modules: Dict[str, str] = {}  # qualified name -> what was hooked there
 
     # -- to implement -------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        """Whether this adapter serves ``obj`` (cheap: imports no framework)."""
+        raise NotImplementedError
+
     def _install(self) -> None:
         raise NotImplementedError
 
     def last_call(self) -> Optional[Dict[str, Any]]:
         """What the method did in the most recent call, or None before the first call."""
         return None
+
+    def covers(self) -> Tuple[Any, ...]:
+        """The objects this patch changes as one: the target, and the part it hooks inside a
+        pipeline (its denoiser). The patch is recorded on each, so each sees it."""
+        return (self.target,)
 
     # -- shared -------------------------------------------------------------------------------
     def install(self) -> None:

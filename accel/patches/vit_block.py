@@ -13,10 +13,38 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..families import qualified_name
+from ..families import is_timm_vit, qualified_name
+from .base import MethodPatch
 
-__all__ = ["vit_blocks", "hook_blocks", "patch_grid", "is_post_norm", "intermediates_as_tokens", "split_heads", "merge_heads", "attention", "attn_residual",
+__all__ = ["TimmViTPatch", "vit_blocks", "hook_blocks", "patch_grid", "is_post_norm", "intermediates_as_tokens", "split_heads", "merge_heads", "attention", "attn_residual",
            "mlp_residual", "block_forward"]
+
+
+class TimmViTPatch(MethodPatch):
+    """Base of the adapters for timm ``VisionTransformer``: the model's blocks (each checked to be
+    timm's ``Block``/``ResPostBlock`` with timm's ``Attention`` when the method rebuilds blocks
+    from their submodules), which are post-norm, and the prefix tokens (CLS, distillation,
+    registers) that never take part in token reduction."""
+
+    SUPPORTED = ("timm VisionTransformer models (ViT, DeiT, distilled DeiT, DeiT-3, register-token and "
+                 "dynamic_img_size variants) built from timm's Block/ResPostBlock and Attention")
+    REBUILDS_BLOCKS = True  # False: the method calls the blocks as they are (any block type)
+
+    def __init__(self, model: Any, config: Any) -> None:
+        super().__init__(model, config)
+        self.name = qualified_name(model)
+        if self.REBUILDS_BLOCKS:
+            self.blocks = vit_blocks(model, self.method, self.SUPPORTED)
+        else:
+            self.blocks = list(getattr(model, "blocks", []))
+            if not self.blocks:
+                raise TypeError(f"{self.method}: matched no transformer block in {self.name} (model.blocks is empty)")
+        self.post_norm = [is_post_norm(blk) for blk in self.blocks]
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        return is_timm_vit(obj)
 
 
 def vit_blocks(model: Any, method: str, supported: str) -> List[Any]:

@@ -378,7 +378,9 @@ def test_unsupported_models_raise_naming_what_is_supported():
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4)
-    from accel.patches.region_cache.diffusers import matches
+    from accel.patches.region_cache.diffusers import RegionCacheDiT
+
+    matches = RegionCacheDiT.matches
 
     for obj in (unet, torch.nn.Linear(2, 2)):
         assert not matches(obj)
@@ -388,7 +390,9 @@ def test_unsupported_models_raise_naming_what_is_supported():
 
 
 def test_matches_and_describe(dit_pipe):
-    from accel.patches.region_cache.diffusers import matches
+    from accel.patches.region_cache.diffusers import RegionCacheDiT
+
+    matches = RegionCacheDiT.matches
 
     assert matches(dit_pipe) and matches(dit_pipe.transformer) and matches(pixart())
     assert not matches(dit_pipe.vae)

@@ -15,12 +15,16 @@ from typing import Any, Optional
 
 import torch
 
+from ..registry import Method, require_patch
 from .config import AViT, load, metadata, save
 from .halting import (HaltingState, gaussian_prior, halting_distribution, halting_score, kl_divergence,
                       ponder_loss)
+from .timm import AViTTimm
 from .train import FinetuneResult, distillation_loss, finetune, training_loss
 
-__all__ = ["AViT", "save", "load", "metadata", "halting_score", "HaltingState", "ponder_loss",
+METHOD = Method("avit", AViT, (AViTTimm,), decides_tokens=True, package=__name__)
+
+__all__ = ["METHOD", "AViT", "save", "load", "metadata", "halting_score", "HaltingState", "ponder_loss",
            "halting_distribution", "gaussian_prior", "kl_divergence", "finetune", "FinetuneResult",
            "training_loss", "distillation_loss", "depth_map"]
 
@@ -29,9 +33,4 @@ def depth_map(model: Any) -> Optional[torch.Tensor]:
     """``[B, gh, gw]`` long: the number of blocks each patch token ran in the last call of the
     avit-patched ``model`` (``[B, N_patches]`` if the tokens form no known grid); None before
     the first call."""
-    from ...api import get_patch
-
-    patch = get_patch(model, "avit")
-    if patch is None:
-        raise ValueError(f"avit is not patched on {type(model).__name__}")
-    return patch.depth_map()
+    return require_patch(model, "avit", "avit.depth_map").depth_map()

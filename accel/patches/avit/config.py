@@ -7,6 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from ..base import config_dict
+from ..settings import Settings, check_choice, check_real
+
 __all__ = ["AViT", "MODES", "save", "load"]
 
 MODES = ("remove", "mask")
@@ -14,14 +17,8 @@ _FORMAT = "accel-avit-halting"
 _PARAMS = ("gamma", "beta", "eps")
 
 
-def _number(name: str, value: Any, allowed: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"AViT: {name} must be {allowed}; got {type(value).__name__}")
-    return float(value)
-
-
 @dataclass(frozen=True)
-class AViT:
+class AViT(Settings):
     """A-ViT adaptive token halting (Yin et al., CVPR 2022) for timm ViTs.
 
     After every block each patch token gets a halting score ``sigmoid(gamma * x[0] - beta)``
@@ -49,22 +46,17 @@ class AViT:
     eps: float = 0.01
     mode: str = "remove"
 
+    METHOD = "avit"
+    EXPECTED = "a dict of settings, or the path of a halting file (accel.avit.save)"
+
     def __post_init__(self) -> None:
-        gamma = _number("gamma", self.gamma, "a finite float >= 0 (halting score scale)")
-        if not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"AViT: gamma must be a finite float >= 0 (halting score scale); got {self.gamma}")
-        beta = _number("beta", self.beta, "a float (halting score offset; math.inf: never halt)")
-        if math.isnan(beta) or beta == -math.inf:
-            raise ValueError(f"AViT: beta must be a finite float or math.inf (never halt); got {self.beta}")
-        eps = _number("eps", self.eps, "a float in [0, 1) (halting threshold 1 - eps)")
-        if not 0.0 <= eps < 1.0:
-            raise ValueError(f"AViT: eps must be in [0, 1) (halting threshold 1 - eps); got {self.eps}")
-        if not isinstance(self.mode, str):
-            raise TypeError(f"AViT: mode must be one of {MODES}; got {type(self.mode).__name__}")
-        if self.mode not in MODES:
-            raise ValueError(f"AViT: mode must be 'remove' or 'mask'; got {self.mode!r}")
-        for name, value in (("gamma", gamma), ("beta", beta), ("eps", eps)):
-            object.__setattr__(self, name, value)
+        checks = (("gamma", lambda v: math.isfinite(v) and v >= 0, "a finite float >= 0 (halting score scale)"),
+                  ("beta", lambda v: not math.isnan(v) and v != -math.inf,
+                   "a finite float or math.inf (halting score offset; inf: never halt)"),
+                  ("eps", lambda v: 0.0 <= v < 1.0, "a float in [0, 1) (halting threshold 1 - eps)"))
+        for name, ok, allowed in checks:
+            object.__setattr__(self, name, check_real("AViT", name, getattr(self, name), ok, allowed))
+        object.__setattr__(self, "mode", check_choice("AViT", "mode", self.mode, MODES))
 
     @property
     def never_halts(self) -> bool:
@@ -78,22 +70,9 @@ class AViT:
         return {name: torch.tensor(getattr(self, name), dtype=torch.float64) for name in _PARAMS}
 
     @classmethod
-    def coerce(cls, value: Any) -> "AViT":
-        """``AViT(...)``, a dict of settings, or the path of a halting file -> ``AViT``."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ValueError(f"avit: unknown setting(s) {', '.join(unknown)}; "
-                                 f"allowed: {', '.join(cls.__dataclass_fields__)}")
-            return cls(**value)
-        if isinstance(value, (str, Path)):
-            return load(value)
-        raise TypeError(
-            "avit: expected accel.AViT(...), a dict of settings, or the path of a halting file "
-            f"(accel.avit.save); got {type(value).__name__}"
-        )
+    def from_shorthand(cls, value: Any) -> Optional[Dict[str, Any]]:
+        """``avit="halting.safetensors"`` -> the settings saved there (``accel.avit.save``)."""
+        return config_dict(load(value)) if isinstance(value, (str, Path)) else None
 
 
 def save(path: Union[str, Path], config: AViT, metadata: Optional[Dict[str, str]] = None) -> Path:

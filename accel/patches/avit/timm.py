@@ -24,23 +24,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...families import is_timm_vit, qualified_name
-from ..base import MethodPatch
-from ..vit_block import (attn_residual, block_forward, is_post_norm, merge_heads, mlp_residual, patch_grid,
-                         split_heads, vit_blocks)
+from ..vit_block import (TimmViTPatch, attn_residual, block_forward, merge_heads, mlp_residual, patch_grid,
+                         split_heads)
 from .config import AViT
 from .halting import HaltingState, halting_score
 
-__all__ = ["AViTTimm", "AViTState", "SUPPORTED", "matches"]
-
-SUPPORTED = (
-    "timm VisionTransformer models (ViT, DeiT, distilled DeiT, DeiT-3, register-token and "
-    "dynamic_img_size variants) built from timm's Block/ResPostBlock and Attention in model.blocks"
-)
-
-
-def matches(obj: Any) -> bool:
-    return is_timm_vit(obj)
+__all__ = ["AViTTimm", "AViTState"]
 
 
 class AViTState:
@@ -58,19 +47,15 @@ class AViTState:
         self.images = self.tokens = 0
 
 
-class AViTTimm(MethodPatch):
+class AViTTimm(TimmViTPatch):
     method = "avit"
+    SUPPORTED = TimmViTPatch.SUPPORTED + " in model.blocks"
 
     def __init__(self, model: Any, config: AViT) -> None:
         super().__init__(model, config)
-        if not isinstance(config, AViT):
-            raise TypeError(f"avit: config must be an accel.AViT; got {type(config).__name__}")
-        self.blocks = vit_blocks(model, "avit", SUPPORTED)
         if not isinstance(model.blocks, torch.nn.Sequential):
-            raise TypeError(f"avit: {qualified_name(model)}.blocks is {type(model.blocks).__name__}, not the "
-                            f"nn.Sequential timm builds; supported: {SUPPORTED}")
-        self.post_norm = [is_post_norm(blk) for blk in self.blocks]
-        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+            raise TypeError(f"avit: {self.name}.blocks is {type(model.blocks).__name__}, not the "
+                            f"nn.Sequential timm builds; supported: {self.SUPPORTED}")
 
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:

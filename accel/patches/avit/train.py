@@ -16,8 +16,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..registry import get_patch, scoped
 from .config import AViT
 from .halting import gaussian_prior, halting_distribution, kl_divergence, ponder_loss
+from .timm import AViTTimm
 
 __all__ = ["FinetuneResult", "training_loss", "distillation_loss", "finetune"]
 
@@ -41,8 +43,6 @@ def training_loss(model: Any, logits: torch.Tensor, labels: torch.Tensor, *, pri
     plus ``distill_weight * T^2 * KL(teacher || student)`` on logits softened by ``temperature``
     when ``teacher_logits`` are given (e.g. the model's own predictions before fine-tuning).
     Returns the loss and its parts (detached): task, ponder, kl, depth (and distill)."""
-    from ...api import get_patch
-
     patch = get_patch(model, "avit")
     halting = None if patch is None or patch.state is None else patch.state.halting
     if halting is None or not halting.record:
@@ -109,7 +109,6 @@ def finetune(model: Any, data: Union[Callable[[int], Batch], Iterable[Batch]], *
     The model is left in its previous train/eval mode and patch state; patch it with
     ``result.config`` for inference. Returns a ``FinetuneResult``.
     """
-    from ...api import patched
     from ...families import is_timm_vit
 
     if not is_timm_vit(model):
@@ -150,7 +149,7 @@ def finetune(model: Any, data: Union[Callable[[int], Batch], Iterable[Batch]], *
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     result = FinetuneResult(config=config)
     was_training = model.training
-    with patched(model, avit=replace(config, mode="mask")):
+    with scoped(model, {"avit": AViTTimm(model, replace(config, mode="mask"))}):
         model.train()
         try:
             for step, (images, labels) in zip(range(steps), batches):

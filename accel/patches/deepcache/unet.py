@@ -20,27 +20,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Dict, List, Optional, Tuple
 
-from ...families import is_diffusers_pipeline, is_loaded_instance, qualified_name
-from ..base import MethodPatch
-from ..steps import call_counting_steps
-from . import DeepCache
+from ...families import qualified_name
+from ..diffusers_model import DiffusersPatch
+from .config import DeepCache
 
-__all__ = ["DeepCacheUNet", "DeepCacheState", "matches", "SUPPORTED"]
-
-SUPPORTED = "diffusers UNet2DConditionModel pipelines (SD 1.x/2.x, SDXL; text-to-image, img2img, inpaint, ControlNet)"
-
-_UNET = ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel")
-
-
-def _is_unet(obj: Any) -> bool:
-    return is_loaded_instance(obj, *_UNET)
-
-
-def matches(obj: Any) -> bool:
-    """A bare ``UNet2DConditionModel`` or a diffusers pipeline whose ``unet`` is one."""
-    if _is_unet(obj):
-        return True
-    return is_diffusers_pipeline(obj) and _is_unet(getattr(obj, "unet", None))
+__all__ = ["DeepCacheUNet", "DeepCacheState"]
 
 
 def deep_units(unet: Any, branch: int) -> Tuple[List[Tuple[str, Any]], int]:
@@ -113,28 +97,27 @@ class DeepCacheState:
         self.caches = {}
 
 
-class DeepCacheUNet(MethodPatch):
+class DeepCacheUNet(DiffusersPatch):
     method = "deepcache"
+    SUPPORTED = "diffusers UNet2DConditionModel pipelines (SD 1.x/2.x, SDXL; text-to-image, img2img, inpaint, ControlNet)"
+    MODELS = (("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),)
 
     def __init__(self, obj: Any, config: DeepCache) -> None:
         super().__init__(obj, config)
-        self.pipe = None if _is_unet(obj) else obj
-        unet = obj if self.pipe is None else obj.unet
-        self.unet = unet
-        self.prefix = "" if self.pipe is None else "unet."
+        unet = self.unet = self.model
         name = qualified_name(unet)
         down, up = list(unet.down_blocks), list(unet.up_blocks)
         depth = len(down)
         if depth == 0 or len(up) != depth:
             raise TypeError(
                 f"deepcache: {name} has {depth} down and {len(up)} up blocks; DeepCache needs matching "
-                f"down/up blocks; supported: {SUPPORTED}"
+                f"down/up blocks; supported: {self.SUPPORTED}"
             )
         reads = sum(len(block.resnets) for block in up)
         made = 1 + sum(len(block.resnets) + len(block.downsamplers or []) for block in down)
         if reads != made:
             raise TypeError(f"deepcache: {name}'s up blocks read {reads} skip features but its down path makes "
-                            f"{made}; supported: {SUPPORTED}")
+                            f"{made}; supported: {self.SUPPORTED}")
         self.deep, branches = deep_units(unet, config.branch)
         if config.branch >= branches:
             raise ValueError(
@@ -153,17 +136,12 @@ class DeepCacheUNet(MethodPatch):
             self.hooks.add(block, functools.partial(self._deep_block, name, name == last == "mid_block"))
             what = "F_cache (cached deep feature)" if name == last else "cached, skipped on shallow steps"
             self.patched_modules[self.prefix + name] = what
-        if self.pipe is not None:
-            self.hooks.add(self.pipe, self._pipeline_call, "__call__")
-            self.patched_modules["__call__"] = "per-call reset, counts scheduler.step"
+        self.hook_pipeline_call("per-call reset, counts scheduler.step")
 
     # -- per run --------------------------------------------------------------------------------
     def reset(self, num_steps: Optional[int] = None) -> None:
         if self.state is not None:
             self.state.reset(num_steps)
-
-    def _pipeline_call(self, pipe: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
-        return call_counting_steps(self.state, pipe, call_next, self._scheduler_step, args, kwargs)
 
     def _planned_steps(self, scheduler: Any) -> Optional[int]:
         n = getattr(self.pipe, "_num_timesteps", None)  # len(timesteps) of the loop, set before it

@@ -19,12 +19,17 @@ from typing import Any, Optional
 
 import torch
 
+from ..registry import Method, require_patch
 from .config import EarlyExit
 from .heads import ExitHead, ExitHeads, load_heads, save_heads
 from .policy import CRITERIA, NEVER, Calibration, calibrate, confidence, exit_mask, first_exit
+from .timm import EarlyExitTimm
 from .train import calibrate_heads, exit_outputs, fit_heads, store_calibration, train_on_features
 
+METHOD = Method("early_exit", EarlyExit, (EarlyExitTimm,), decides_tokens=True, package=__name__)
+
 __all__ = [
+    "METHOD",
     "EarlyExit",
     "ExitHead",
     "ExitHeads",
@@ -49,9 +54,4 @@ __all__ = [
 def exit_depths(model: Any) -> Optional[torch.Tensor]:
     """``[B]`` int64: blocks each image of the last call ran through (its exit block + 1, or the
     model's depth for those the final head classified); None before the first call."""
-    from ...api import get_patch
-
-    patch = get_patch(model, "early_exit")
-    if patch is None:
-        raise ValueError(f"early_exit is not patched on {type(model).__name__}")
-    return patch.exit_depths()
+    return require_patch(model, "early_exit", "early_exit.exit_depths").exit_depths()

@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+from ..settings import Settings, check_choice, is_real
 from .heads import ExitHeads, load_heads
 from .policy import CRITERIA, NEVER
 
@@ -13,7 +14,7 @@ __all__ = ["EarlyExit"]
 
 
 @dataclass(frozen=True, eq=False)
-class EarlyExit:
+class EarlyExit(Settings):
     """Early exit per image (BranchyNet, Teerapittayanon et al. 2016; DeeBERT, Xin et al. 2020).
 
     heads: trained ``ExitHeads`` (``accel.early_exit.fit_heads``), or the folder they were saved
@@ -32,6 +33,10 @@ class EarlyExit:
     thresholds: Optional[Union[float, Sequence[float]]] = None
     criterion: Optional[str] = None
 
+    METHOD = "early_exit"
+    EXPECTED = ("trained accel.early_exit.ExitHeads, the folder they were saved to, or a dict of settings "
+                "(heads, thresholds, criterion)")
+
     def __post_init__(self) -> None:
         heads = self.heads
         if isinstance(heads, (str, Path)):
@@ -39,9 +44,8 @@ class EarlyExit:
         if not isinstance(heads, ExitHeads):
             raise TypeError(f"EarlyExit: heads must be an accel.early_exit.ExitHeads or the folder they were saved "
                             f"to; got {type(heads).__name__}")
-        criterion = heads.criterion if self.criterion is None else self.criterion
-        if criterion not in CRITERIA:
-            raise ValueError(f"EarlyExit: criterion must be one of {', '.join(map(repr, CRITERIA))}; got {criterion!r}")
+        criterion = check_choice("EarlyExit", "criterion", heads.criterion if self.criterion is None else self.criterion,
+                                 CRITERIA)
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "criterion", criterion)
         object.__setattr__(self, "thresholds", self._resolve_thresholds(heads, criterion))
@@ -56,10 +60,9 @@ class EarlyExit:
                     "pass thresholds= (one per exit) or run accel.early_exit.calibrate first"
                 )
             value = heads.thresholds
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_real(value):
             value = [value] * count
-        if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(is_real(v) for v in value):
             raise TypeError(f"EarlyExit: thresholds must be a float or {count} floats (one per exit); "
                             f"got {type(self.thresholds).__name__}")
         if len(value) != count:
@@ -72,20 +75,10 @@ class EarlyExit:
     @classmethod
     def never(cls, heads: Union[ExitHeads, str, Path], criterion: str = "max_prob") -> "EarlyExit":
         """Thresholds no image passes: outputs equal the unpatched model (the identity setting)."""
-        if criterion not in CRITERIA:
-            raise ValueError(f"EarlyExit: criterion must be one of {', '.join(map(repr, CRITERIA))}; got {criterion!r}")
+        criterion = check_choice("EarlyExit", "criterion", criterion, CRITERIA)
         return cls(heads=heads, thresholds=NEVER[criterion], criterion=criterion)
 
     @classmethod
-    def coerce(cls, value: Any) -> "EarlyExit":
-        """``ExitHeads`` or a saved folder -> their calibrated settings; a dict -> ``EarlyExit(**dict)``."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, (ExitHeads, str, Path)):
-            return cls(heads=value)
-        if isinstance(value, dict):
-            return cls(**value)
-        raise TypeError(
-            "early_exit: expected accel.EarlyExit(heads=..., thresholds=..., criterion=...), trained "
-            f"accel.early_exit.ExitHeads, the folder they were saved to, or a dict of settings; got {type(value).__name__}"
-        )
+    def from_shorthand(cls, value: Any) -> Optional[Dict[str, Any]]:
+        """``ExitHeads`` or the folder they were saved to -> those heads with their calibrated settings."""
+        return {"heads": value} if isinstance(value, (ExitHeads, str, Path)) else None

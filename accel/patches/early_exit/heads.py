@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..settings import is_int
 from .policy import CRITERIA
 
 __all__ = ["POOLS", "ExitHead", "ExitHeads", "save_heads", "load_heads", "WEIGHTS_FILE", "CONFIG_FILE"]
@@ -27,10 +28,6 @@ __all__ = ["POOLS", "ExitHead", "ExitHeads", "save_heads", "load_heads", "WEIGHT
 POOLS = ("token", "avg")
 WEIGHTS_FILE = "exit_heads.safetensors"
 CONFIG_FILE = "exit_heads.json"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ExitHead(nn.Module):
@@ -62,13 +59,14 @@ class ExitHeads(nn.Module):
                  criterion: str = "max_prob", metrics: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         blocks = list(blocks) if isinstance(blocks, (list, tuple)) else blocks
-        if not isinstance(blocks, list) or not blocks or not all(_is_int(b) and b >= 0 for b in blocks):
+        if not isinstance(blocks, list) or not blocks or not all(is_int(b) and b >= 0 for b in blocks):
             raise ValueError(f"ExitHeads: blocks must be a non-empty list of block indices >= 0; got {blocks!r}")
+        blocks = [int(b) for b in blocks]
         if blocks != sorted(set(blocks)):
             raise ValueError(f"ExitHeads: blocks must be strictly increasing; got {blocks}")
         for name, value, low in (("dim", dim, 1), ("num_classes", num_classes, 1), ("hidden", hidden, 0),
                                  ("num_prefix_tokens", num_prefix_tokens, 0)):
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"ExitHeads: {name} must be an int >= {low}; got {value!r}")
         if pool not in POOLS:
             raise ValueError(f"ExitHeads: pool must be one of {', '.join(map(repr, POOLS))}; got {pool!r}")

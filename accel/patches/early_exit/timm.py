@@ -8,7 +8,7 @@ batch, images that pass their threshold leave with that head's logits, and the o
 gathered into a smaller batch for the next block. Logits are scattered back into the input order.
 No image exiting means the same calls on the same batch as the unpatched model: bit-exact.
 
-Decisions where the issue was silent:
+Behaviour beyond the exit rule itself:
 - ``forward_features``/``forward_head`` called directly are not hooked: full depth, unchanged.
 - In training mode (``model.train()``) ``forward`` passes through unchanged (full depth): early
   exit is an inference method; the heads are trained by ``accel.early_exit.fit_heads``.
@@ -23,24 +23,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ...families import qualified_name
-from ..base import MethodPatch, config_dict
+from ..base import config_dict
+from ..vit_block import TimmViTPatch
 from .config import EarlyExit
 from .heads import ExitHeads
 from .policy import exit_mask
 
-__all__ = ["EarlyExitTimm", "EarlyExitState", "SUPPORTED", "matches", "embed_tokens", "backbone_exits"]
-
-SUPPORTED = (
-    "timm VisionTransformer models and subclasses that keep its forward_features (ViT, DeiT, distilled "
-    "DeiT, DeiT-3, register-token and dynamic_img_size variants) with exit heads trained for them"
-)
-
-
-def matches(obj: Any) -> bool:
-    from ...families import is_timm_vit
-
-    return is_timm_vit(obj)
+__all__ = ["EarlyExitTimm", "EarlyExitState", "embed_tokens", "backbone_exits"]
 
 
 def embed_tokens(model: Any, x: torch.Tensor) -> torch.Tensor:
@@ -73,21 +62,22 @@ class EarlyExitState:
         self.images_per_block: List[int] = []  # batch size entering each block
 
 
-class EarlyExitTimm(MethodPatch):
+class EarlyExitTimm(TimmViTPatch):
     method = "early_exit"
+    SUPPORTED = (
+        "timm VisionTransformer models and subclasses that keep its forward_features (ViT, DeiT, distilled "
+        "DeiT, DeiT-3, register-token and dynamic_img_size variants) with exit heads trained for them"
+    )
+    REBUILDS_BLOCKS = False  # blocks run as they are, one at a time
 
     def __init__(self, model: Any, config: EarlyExit) -> None:
         super().__init__(model, config)
         from timm.models.vision_transformer import VisionTransformer
 
-        name = qualified_name(model)
-        heads = config.heads
+        name, heads, blocks = self.name, config.heads, self.blocks
         if type(model).forward_features is not VisionTransformer.forward_features:
             raise TypeError(f"early_exit: {name} overrides forward_features, which early exit cannot follow "
-                            f"block by block; supported: {SUPPORTED}")
-        blocks = list(getattr(model, "blocks", []))
-        if not blocks:
-            raise TypeError(f"early_exit: matched no transformer block in {name} (model.blocks is empty)")
+                            f"block by block; supported: {self.SUPPORTED}")
         if heads.blocks[-1] >= len(blocks) - 1:
             raise ValueError(f"early_exit: heads exit after blocks {heads.blocks}, but {name} has {len(blocks)} blocks; "
                              f"exit blocks must be below {len(blocks) - 1} (after the last block the model's own head "

@@ -7,7 +7,11 @@ Training-free; ``keep_rate=1.0`` is the unpatched model. See ``docs/evit.md``.
 """
 from __future__ import annotations
 
+from ..registry import Method
 from .config import EViT, default_locations
 from .keep import cls_attention, keep_and_fuse, num_kept
+from .timm import EViTTimm
 
-__all__ = ["EViT", "default_locations", "cls_attention", "keep_and_fuse", "num_kept"]
+METHOD = Method("evit", EViT, (EViTTimm,), decides_tokens=True, package=__name__)
+
+__all__ = ["METHOD", "EViT", "default_locations", "cls_attention", "keep_and_fuse", "num_kept"]

@@ -19,25 +19,12 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ...families import qualified_name
-from ..base import MethodPatch
-from ..vit_block import (attn_residual, hook_blocks, intermediates_as_tokens, is_post_norm, merge_heads,
-                         mlp_residual, split_heads, vit_blocks)
+from ..vit_block import (TimmViTPatch, attn_residual, hook_blocks, intermediates_as_tokens, merge_heads,
+                         mlp_residual, split_heads)
 from .config import EViT
 from .keep import cls_attention, keep_and_fuse, num_kept
 
-__all__ = ["EViTTimm", "EViTState", "SUPPORTED", "matches"]
-
-SUPPORTED = (
-    "timm VisionTransformer models with a class token and token pooling (ViT, DeiT, distilled DeiT, "
-    "DeiT-3, register-token variants) built from timm's Block/ResPostBlock and Attention"
-)
-
-
-def matches(obj: Any) -> bool:
-    from ...families import is_timm_vit
-
-    return is_timm_vit(obj)
+__all__ = ["EViTTimm", "EViTState"]
 
 
 class EViTState:
@@ -52,27 +39,28 @@ class EViTState:
         self.kept: Dict[int, torch.Tensor] = {}  # block -> [B, keep] positions kept in that block
 
 
-class EViTTimm(MethodPatch):
+class EViTTimm(TimmViTPatch):
     method = "evit"
+    SUPPORTED = (
+        "timm VisionTransformer models with a class token and token pooling (ViT, DeiT, distilled DeiT, "
+        "DeiT-3, register-token variants) built from timm's Block/ResPostBlock and Attention"
+    )
 
     def __init__(self, model: Any, config: EViT) -> None:
         super().__init__(model, config)
-        name = qualified_name(model)
+        name = self.name
         if getattr(model, "cls_token", None) is None:
             raise TypeError(
                 f"evit: {name} has no class token (class_token=False), and EViT ranks tokens by the class "
-                f"token's attention; supported: {SUPPORTED}"
+                f"token's attention; supported: {self.SUPPORTED}"
             )
         pool = getattr(model, "global_pool", "token")
         if getattr(model, "attn_pool", None) is not None or pool not in ("token", ""):
             raise TypeError(
                 f"evit: {name} pools with global_pool={pool!r}; EViT fuses tokens, so only the class token "
-                f"is the model's own output; supported: {SUPPORTED} (global_pool 'token' or '')"
+                f"is the model's own output; supported: {self.SUPPORTED} (global_pool 'token' or '')"
             )
-        self.blocks = vit_blocks(model, "evit", SUPPORTED)
-        self.post_norm = [is_post_norm(blk) for blk in self.blocks]
         self.locations = set(config.block_locations(len(self.blocks)))
-        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
 
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:

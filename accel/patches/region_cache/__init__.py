@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..registry import Method, require_patch
 from .config import RegionCache
+from .diffusers import RegionCacheDiT
 
-__all__ = ["RegionCache", "reset"]
+METHOD = Method("region_cache", RegionCache, (RegionCacheDiT,), decides_tokens=True, package=__name__)
+
+__all__ = ["METHOD", "RegionCache", "reset"]
 
 
 def reset(obj: Any) -> None:
@@ -20,9 +24,4 @@ def reset(obj: Any) -> None:
     A bare transformer (patched directly) counts its own calls, one per denoising step, until
     this is called.
     """
-    from ...api import get_patch
-
-    patch = get_patch(obj, "region_cache")
-    if patch is None:
-        raise ValueError(f"region_cache is not patched on {type(obj).__name__}")
-    patch.reset()
+    require_patch(obj, "region_cache", "region_cache.reset").reset()

@@ -2,24 +2,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from ..settings import Settings, check_choice, check_int, check_real, is_real
 
 __all__ = ["RegionCache", "METRICS"]
 
 METRICS = ("delta", "std", "l2norm")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
-class RegionCache:
+class RegionCache(Settings):
     """Region-adaptive sampling (after RAS, Liu et al. 2025): on cached steps only the regions in
     focus go through the transformer blocks; the others reuse their output of the previous step.
 
@@ -32,8 +26,8 @@ class RegionCache:
         regions are chosen, in order of score, the last one partly if the count ends inside it.
     metric: the focus score of a token, from the model output of the previous step (under
         classifier-free guidance: the guided output the scheduler integrates):
-        ``"delta"`` the norm of the output's change since the token was last computed (the
-        issue's "regions whose update between steps is small"), ``"std"`` the standard deviation
+        ``"delta"`` the norm of the output's change since the token was last computed (regions
+        whose update between steps is small are the ones reused), ``"std"`` the standard deviation
         or ``"l2norm"`` the norm of the token's output (RAS's two metrics). Highest scores are
         recomputed. ``"delta"`` needs ``warmup >= 2`` (two outputs to compare).
     starvation: a skipped token's score is multiplied by ``exp(starvation * steps skipped)``
@@ -48,30 +42,21 @@ class RegionCache:
     metric: str = "delta"
     starvation: float = 1.0
 
+    METHOD = "region_cache"
+    EXPECTED = "a float ratio in (0, 1] or a dict of settings"
+
     def __post_init__(self) -> None:
-        if not _is_real(self.ratio):
-            raise TypeError(f"RegionCache: ratio must be a float in (0, 1]; got {type(self.ratio).__name__}")
-        if not (0.0 < self.ratio <= 1.0):
-            raise ValueError(f"RegionCache: ratio is the fraction of tokens recomputed, in (0, 1]; got {self.ratio}")
-        object.__setattr__(self, "ratio", float(self.ratio))
+        object.__setattr__(self, "ratio", check_real("RegionCache", "ratio", self.ratio, lambda v: 0.0 < v <= 1.0,
+                                                     "a float in (0, 1] (fraction of tokens recomputed)"))
         for name, low in (("warmup", 1), ("refresh", 0), ("window", 1)):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise TypeError(f"RegionCache: {name} must be an int >= {low}; got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"RegionCache: {name} must be an int >= {low}; got {value}")
-        if not isinstance(self.metric, str):
-            raise TypeError(f"RegionCache: metric must be one of {METRICS}; got {type(self.metric).__name__}")
-        if self.metric not in METRICS:
-            raise ValueError(f"RegionCache: metric must be one of {METRICS}; got {self.metric!r}")
+            object.__setattr__(self, name, check_int("RegionCache", name, getattr(self, name), low))
+        object.__setattr__(self, "metric", check_choice("RegionCache", "metric", self.metric, METRICS))
         if self.metric == "delta" and self.warmup < 2:
             raise ValueError(f"RegionCache: metric 'delta' compares two outputs and needs warmup >= 2; "
                              f"got warmup={self.warmup}")
-        if not _is_real(self.starvation):
-            raise TypeError(f"RegionCache: starvation must be a float >= 0; got {type(self.starvation).__name__}")
-        if not (self.starvation >= 0 and math.isfinite(self.starvation)):
-            raise ValueError(f"RegionCache: starvation must be a finite float >= 0 (0 = off); got {self.starvation}")
-        object.__setattr__(self, "starvation", float(self.starvation))
+        object.__setattr__(self, "starvation", check_real(
+            "RegionCache", "starvation", self.starvation, lambda v: math.isfinite(v) and v >= 0,
+            "a finite float >= 0 (0 = off)"))
 
     def is_full(self, step: int) -> bool:
         """Whether sampling step ``step`` (0-based) is computed in full by the schedule."""
@@ -80,19 +65,6 @@ class RegionCache:
         return self.refresh > 0 and (step - self.warmup) % self.refresh == self.refresh - 1
 
     @classmethod
-    def coerce(cls, value: Any) -> "RegionCache":
-        """``region_cache=0.5`` -> RegionCache(ratio=0.5); a dict -> RegionCache(**dict)."""
-        if isinstance(value, cls):
-            return value
-        if _is_real(value):
-            return cls(ratio=value)
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"region_cache: unknown settings {unknown}; known: {sorted(known)}")
-            return cls(**value)
-        raise TypeError(
-            "region_cache: expected accel.RegionCache(...), a float ratio in (0, 1] or a dict of settings; "
-            f"got {type(value).__name__}"
-        )
+    def from_shorthand(cls, value: Any) -> Optional[Dict[str, Any]]:
+        """``region_cache=0.5`` -> RegionCache(ratio=0.5)."""
+        return {"ratio": value} if is_real(value) else None

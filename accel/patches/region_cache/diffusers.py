@@ -29,38 +29,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ...families import is_diffusers_pipeline, is_loaded_instance, qualified_name
-from ..base import MethodPatch
-from ..steps import call_counting_steps
+from ..diffusers_model import DiffusersPatch
 from .config import RegionCache
 from .regions import pixel_mask, region_ids, select_tokens, token_mask, token_scores
 
-__all__ = ["RegionCacheDiT", "RegionCacheState", "SUPPORTED", "matches"]
+__all__ = ["RegionCacheDiT", "RegionCacheState"]
 
-SUPPORTED = ("diffusers DiTTransformer2DModel and PixArtTransformer2DModel, bare or as the transformer of a "
-             "pipeline (DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline)")
-
-_MODELS = (
-    ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel"),
-    ("diffusers.models.transformers.pixart_transformer_2d", "PixArtTransformer2DModel"),
-)
 _MAX_STARVATION = 60.0  # exp(60) ~ 1e26: any longer-skipped token wins anyway; keeps float32 finite
-
-
-def _is_supported_model(obj: Any) -> bool:
-    return any(is_loaded_instance(obj, module, name) for module, name in _MODELS)
-
-
-def _model_of(obj: Any) -> Optional[Any]:
-    """The transformer of a pipeline, or ``obj`` itself if it is a supported transformer."""
-    if is_diffusers_pipeline(obj):
-        model = getattr(obj, "transformer", None)
-        return model if _is_supported_model(model) else None
-    return obj if _is_supported_model(obj) else None
-
-
-def matches(obj: Any) -> bool:
-    return _model_of(obj) is not None
 
 
 def _sample_of(out: Any) -> torch.Tensor:
@@ -117,25 +92,20 @@ class RegionCacheState:
         self.signature = self.computed = None
 
 
-class RegionCacheDiT(MethodPatch):
+class RegionCacheDiT(DiffusersPatch):
     method = "region_cache"
+    SUPPORTED = ("diffusers DiTTransformer2DModel and PixArtTransformer2DModel, bare or as the transformer of a "
+                 "pipeline (DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline)")
+    MODELS = (
+        ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel"),
+        ("diffusers.models.transformers.pixart_transformer_2d", "PixArtTransformer2DModel"),
+    )
 
     def __init__(self, obj: Any, config: RegionCache) -> None:
         super().__init__(obj, config)
         from diffusers.models.attention import BasicTransformerBlock
 
-        from ...api import get_patch
-
-        model = _model_of(obj)
-        if model is None:
-            raise TypeError(f"region_cache: {qualified_name(obj)} is not supported; supported: {SUPPORTED}")
-        if any(get_patch(o, "tome") is not None for o in (obj, model)):
-            # both decide which tokens the blocks compute; ToMe's merged attention input is not per token
-            raise ValueError("region_cache: tome is patched on this model; region_cache and tome do not compose, "
-                             "unpatch tome first")
-        self.model = model
-        self.pipe = None if model is obj else obj
-        self.prefix = "" if self.pipe is None else "transformer."
+        model = self.model
         name = type(model).__name__
         blocks = list(getattr(model, "transformer_blocks", []))
         if not blocks:
@@ -143,7 +113,7 @@ class RegionCacheDiT(MethodPatch):
         for i, block in enumerate(blocks):
             where = f"{self.prefix}transformer_blocks.{i}"
             if not isinstance(block, BasicTransformerBlock):
-                raise TypeError(f"region_cache: {where} is a {type(block).__name__}; supported: {SUPPORTED}")
+                raise TypeError(f"region_cache: {where} is a {type(block).__name__}; supported: {self.SUPPORTED}")
             if block.pos_embed is not None or block.only_cross_attention:
                 # a per-position embedding inside the block, or no self-attention: not per token
                 raise ValueError(f"region_cache: {where} has a positional embedding inside the block or no "
@@ -167,18 +137,13 @@ class RegionCacheDiT(MethodPatch):
             self.patched_modules[f"{self.prefix}transformer_blocks.{i}"] = (
                 f"cached steps: {self.config.ratio:g} of the tokens" + (f" ({'; '.join(ends)})" if ends else ""))
             self.patched_modules[f"{self.prefix}transformer_blocks.{i}.attn1"] = "keys/values of skipped tokens cached"
-        if self.pipe is not None:
-            self.hooks.add(self.pipe, self._pipeline_call, "__call__")
-            self.patched_modules["__call__"] = "per-call reset, scores on scheduler.step's model_output"
+        self.hook_pipeline_call("per-call reset, scores on scheduler.step's model_output")
 
     def reset(self) -> None:
         if self.state is not None:
             self.state.reset()
 
     # -- steps ----------------------------------------------------------------------------------
-    def _pipeline_call(self, pipe: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
-        return call_counting_steps(self.state, pipe, call_next, self._scheduler_step, args, kwargs)
-
     def _scheduler_step(self, scheduler: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         """A denoising step ends: score the tokens on the output the scheduler integrates."""
         state = self.state

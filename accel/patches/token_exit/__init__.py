@@ -12,18 +12,17 @@ from typing import Any
 
 import torch
 
+from ..registry import Method, require_patch
 from .config import TokenExit
 from .frozen import active_first, exits, relative_update
+from .timm import TokenExitTimm
 
-__all__ = ["TokenExit", "depth_map", "relative_update", "active_first", "exits"]
+METHOD = Method("token_exit", TokenExit, (TokenExitTimm,), decides_tokens=True, package=__name__)
+
+__all__ = ["METHOD", "TokenExit", "depth_map", "relative_update", "active_first", "exits"]
 
 
 def depth_map(model: Any) -> torch.Tensor:
     """For the last call of a model patched with ``token_exit``: the number of blocks that updated
     each patch, ``[B, H_patches, W_patches]`` (the model's depth where a patch never stopped)."""
-    from ...api import get_patch
-
-    patch_ = get_patch(model, "token_exit")
-    if patch_ is None:
-        raise ValueError(f"token_exit.depth_map: {type(model).__name__} is not patched with token_exit")
-    return patch_.depth_map()
+    return require_patch(model, "token_exit", "token_exit.depth_map").depth_map()

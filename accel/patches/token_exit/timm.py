@@ -23,24 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...families import is_timm_vit
 from ..avit.halting import halting_score
-from ..base import MethodPatch
-from ..vit_block import (attn_residual, hook_blocks, is_post_norm, merge_heads, mlp_residual, patch_grid,
-                         split_heads, vit_blocks)
+from ..vit_block import TimmViTPatch, attn_residual, hook_blocks, merge_heads, mlp_residual, patch_grid, split_heads
 from .config import TokenExit
 from .frozen import active_first, exits, relative_update
 
-__all__ = ["TokenExitTimm", "TokenExitState", "SUPPORTED", "matches"]
-
-SUPPORTED = (
-    "timm VisionTransformer models (ViT, DeiT, distilled DeiT, DeiT-3, register-token and "
-    "dynamic_img_size variants) built from timm's Block/ResPostBlock and Attention"
-)
-
-
-def matches(obj: Any) -> bool:
-    return is_timm_vit(obj)
+__all__ = ["TokenExitTimm", "TokenExitState"]
 
 
 class TokenExitState:
@@ -76,18 +64,15 @@ def split_projections(attn: Any, h_query: torch.Tensor, h_all: torch.Tensor):
     return attn.q_norm(q), attn.k_norm(k), v, gate
 
 
-class TokenExitTimm(MethodPatch):
+class TokenExitTimm(TimmViTPatch):
     method = "token_exit"
 
     def __init__(self, model: Any, config: TokenExit) -> None:
         super().__init__(model, config)
-        self.blocks = vit_blocks(model, "token_exit", SUPPORTED)
         if config.min_depth > len(self.blocks):
             raise ValueError(
                 f"token_exit: min_depth={config.min_depth} exceeds the model's {len(self.blocks)} blocks"
             )
-        self.post_norm = [is_post_norm(blk) for blk in self.blocks]
-        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
 
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:

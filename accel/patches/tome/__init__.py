@@ -10,11 +10,17 @@ from typing import Any, Optional
 
 import torch
 
+from ..registry import Method, require_patch
 from .config import ToMe
+from .diffusers import ToMeDiffusers
 from .merge import BipartiteMatch, bipartite_soft_matching, merge_source, merge_weighted
 from .merge2d import GridMatch, bipartite_soft_matching_random2d, downsample_tokens
+from .timm import ToMeTimm
+
+METHOD = Method("tome", ToMe, (ToMeTimm, ToMeDiffusers), decides_tokens=True, package=__name__)
 
 __all__ = [
+    "METHOD",
     "ToMe",
     "BipartiteMatch",
     "bipartite_soft_matching",
@@ -31,11 +37,7 @@ __all__ = [
 def get_source(model: Any) -> Optional[torch.Tensor]:
     """``[B, N_out, N_in]`` 0/1 matrix of the last call: which input tokens each output token
     stands for (prefix tokens included). Needs ``ToMe(trace_source=True)``."""
-    from ...api import get_patch
-
-    patch = get_patch(model, "tome")
-    if patch is None:
-        raise ValueError(f"tome is not patched on {type(model).__name__}")
+    patch = require_patch(model, "tome", "tome.get_source")
     if not patch.config.trace_source:
         raise ValueError("tome: source tracing is off; patch with accel.ToMe(r=..., trace_source=True)")
     return None if patch.state is None else patch.state.source

@@ -1,32 +1,33 @@
 """Settings of Token Merging and the shorthand values ``accel.patch(..., tome=...)`` accepts."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
-from typing import Any, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ..settings import (Settings, check_bool, check_choice, check_int, check_real, given_settings, is_int, is_real,
+                        refuse_settings)
 
 __all__ = ["ToMe"]
 
-RSpec = Union[int, Tuple[int, ...]]
+RSpec = Union[int, List[int], Tuple[int, float]]
 
 MODES = ("merge", "downsample")
 DOWNSAMPLE_METHODS = ("nearest", "avg")
 MAX_DOWNSAMPLE = (1, 2, 4, 8)
-VIT_ONLY = ("r", "inflect", "prop_attn", "trace_source")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+VIT_SETTINGS = ("r", "inflect", "prop_attn", "trace_source")
+DIFFUSION_SETTINGS = ("ratio", "max_downsample", "sx", "sy", "use_rand", "seed", "merge_attn", "merge_crossattn",
+                      "merge_mlp", "mode", "downsample_factor", "downsample_method")
 
 
 @dataclass(frozen=True)
-class ToMe:
+class ToMe(Settings):
     """Token Merging (Bolya et al., ICLR 2023).
 
     For timm ViTs, ``r`` is the number of tokens merged away in each block: an int (every
     block), a per-block list, or an int with ``inflect`` for a linear schedule that keeps the
     mean at ``r`` (``inflect > 0`` merges more in early blocks, the paper's "decreasing"
-    schedule; ``(r, inflect)`` is accepted as ``r`` too, as in the original code). In every
+    schedule; a tuple is always ``(r, inflect)``, as in the original code, a list always
+    per-block). In every
     block ``r`` is capped by the tokens available. ``ratio`` is the diffusion setting (fraction of
     tokens merged) used by diffusion adapters.
 
@@ -68,124 +69,88 @@ class ToMe:
     downsample_factor: int = 2
     downsample_method: str = "nearest"
 
+    METHOD = "tome"
+    EXPECTED = ("an int r (tokens merged per block, timm ViTs), a float ratio (fraction merged, diffusion), "
+                "a per-block list of r, an (r, inflect) tuple or a dict of settings")
+
     def __post_init__(self) -> None:
         r = self.r
-        if isinstance(r, (tuple, list)) and len(r) == 2 and _is_int(r[0]) and isinstance(r[1], float):
+        if isinstance(r, tuple):  # always (r, inflect): the original code's schedule spelling
+            if len(r) != 2 or not is_int(r[0]) or not is_real(r[1]):
+                raise ValueError(f"ToMe: a tuple r is (r, inflect), e.g. (16, 0.5); got {r!r} "
+                                 "(give a per-block schedule as a list)")
             if self.inflect:
                 raise ValueError("ToMe: give the schedule either as r=(r, inflect) or as inflect=, not both")
-            object.__setattr__(self, "inflect", float(r[1]))
+            object.__setattr__(self, "inflect", r[1])
             r = r[0]
-        if isinstance(r, (tuple, list)):
-            if not r or not all(_is_int(v) and v >= 0 for v in r):
-                raise ValueError(f"ToMe: r as a per-block list must hold non-negative ints; got {list(r)!r}")
-            r = tuple(int(v) for v in r)
-        elif r is not None and not _is_int(r):
-            raise TypeError(
-                "ToMe: r must be an int, a per-block list of ints, or (r, inflect); "
-                f"got {type(r).__name__}"
-            )
-        elif r is not None and r < 0:
-            raise ValueError(f"ToMe: r must be >= 0 (tokens merged per block); got {r}")
+        if isinstance(r, list):
+            if not r or not all(is_int(v) and v >= 0 for v in r):
+                raise ValueError(f"ToMe: r as a per-block list must hold non-negative ints; got {r!r}")
+            r = [int(v) for v in r]
+        elif r is not None:
+            r = check_int("ToMe", "r", r, None, "an int, a per-block list of ints, or (r, inflect)")
+            if r < 0:
+                raise ValueError(f"ToMe: r must be >= 0 (tokens merged per block); got {r}")
         object.__setattr__(self, "r", r)
-
         if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-                raise TypeError(f"ToMe: ratio must be a float in [0, 1); got {type(self.ratio).__name__}")
-            if not 0.0 <= float(self.ratio) < 1.0:
-                raise ValueError(f"ToMe: ratio must be in [0, 1); got {self.ratio}")
-            object.__setattr__(self, "ratio", float(self.ratio))
-        if isinstance(self.inflect, bool) or not isinstance(self.inflect, (int, float)):
-            raise TypeError(f"ToMe: inflect must be a float in [-1, 1]; got {type(self.inflect).__name__}")
-        if not -1.0 <= float(self.inflect) <= 1.0 or not math.isfinite(self.inflect):
-            raise ValueError(f"ToMe: inflect must be in [-1, 1]; got {self.inflect}")
-        if self.inflect and isinstance(self.r, tuple):
+            object.__setattr__(self, "ratio", check_real("ToMe", "ratio", self.ratio, lambda v: 0.0 <= v < 1.0,
+                                                         "in [0, 1) (a float: fraction of tokens merged)"))
+        inflect = check_real("ToMe", "inflect", self.inflect, lambda v: -1.0 <= v <= 1.0, "in [-1, 1] (a float)")
+        if inflect and isinstance(r, list):
             raise ValueError("ToMe: inflect applies to an int r, not to a per-block list")
-        object.__setattr__(self, "inflect", float(self.inflect))
+        object.__setattr__(self, "inflect", inflect)
         for name in ("prop_attn", "trace_source", "use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"ToMe: {name} must be a bool; got {type(getattr(self, name)).__name__}")
-        self._check_diffusion_settings()
-
-    def _check_diffusion_settings(self) -> None:
-        for name, allowed in (("mode", MODES), ("downsample_method", DOWNSAMPLE_METHODS)):
-            value = getattr(self, name)
-            options = ", ".join(map(repr, allowed))
-            if not isinstance(value, str):
-                raise TypeError(f"ToMe: {name} must be one of {options}; got {type(value).__name__}")
-            if value not in allowed:
-                raise ValueError(f"ToMe: {name} must be one of {options}; got {value!r}")
+            object.__setattr__(self, name, check_bool("ToMe", name, getattr(self, name)))
+        object.__setattr__(self, "mode", check_choice("ToMe", "mode", self.mode, MODES))
+        object.__setattr__(self, "downsample_method",
+                           check_choice("ToMe", "downsample_method", self.downsample_method, DOWNSAMPLE_METHODS))
         for name, low in (("sx", 1), ("sy", 1), ("downsample_factor", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise TypeError(f"ToMe: {name} must be an int >= {low}; got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"ToMe: {name} must be an int >= {low}; got {value}")
+            object.__setattr__(self, name, check_int("ToMe", name, getattr(self, name), low))
         if self.max_downsample is not None:
-            if not _is_int(self.max_downsample):
-                raise TypeError(f"ToMe: max_downsample must be one of 1, 2, 4, 8 or None; "
-                                f"got {type(self.max_downsample).__name__}")
-            if self.max_downsample not in MAX_DOWNSAMPLE:
-                raise ValueError(f"ToMe: max_downsample must be one of 1, 2, 4, 8 or None; got {self.max_downsample}")
+            object.__setattr__(self, "max_downsample",
+                               check_choice("ToMe", "max_downsample", self.max_downsample, MAX_DOWNSAMPLE))
         if self.mode == "downsample":
-            given = [n for n in ("ratio", "merge_crossattn", "merge_mlp") if getattr(self, n) != _default(n)]
+            given = given_settings(self, ("ratio", "merge_crossattn", "merge_mlp"))
             if given:
                 raise ValueError(f"ToMe: {', '.join(given)} applies to mode='merge', not mode='downsample' "
                                  "(which only shrinks the keys/values of self-attention by downsample_factor)")
         else:
-            given = [n for n in ("downsample_factor", "downsample_method") if getattr(self, n) != _default(n)]
+            given = given_settings(self, ("downsample_factor", "downsample_method"))
             if given:
                 raise ValueError(f"ToMe: {', '.join(given)} applies to mode='downsample'; got mode='merge'")
 
-    def diffusion_settings_given(self) -> List[str]:
-        """Names of the diffusion-only settings that differ from their defaults."""
-        start = [f.name for f in fields(self)].index("max_downsample")
-        return [f.name for f in fields(self)[start:] if getattr(self, f.name) != f.default] + (
-            ["ratio"] if self.ratio is not None else [])
+    @classmethod
+    def from_shorthand(cls, value: Any) -> Optional[Dict[str, Any]]:
+        """``tome=16`` (or a per-block list, or ``(r, inflect)``) -> r; ``tome=0.5`` -> ratio."""
+        if is_int(value) or isinstance(value, (list, tuple)):
+            return {"r": value}
+        if is_real(value):
+            return {"ratio": value}
+        return None
+
+    def check_for_vit(self) -> None:
+        """ValueError unless these settings make sense for a timm ViT."""
+        if self.r is None:
+            raise ValueError(
+                "ToMe: timm ViTs need r (tokens merged per block), e.g. accel.patch(vit, tome=16); "
+                f"ratio={self.ratio} is the diffusion setting"
+            )
+        refuse_settings(self, DIFFUSION_SETTINGS, "diffusion",
+                        "timm ViTs take r, inflect, prop_attn, trace_source")
 
     def check_for_diffusion(self, model_name: str) -> None:
         """ValueError unless these settings make sense for a diffusion model."""
-        vit_only = [n for n in VIT_ONLY if getattr(self, n) != _default(n)]
-        if vit_only:
-            raise ValueError(
-                f"ToMe: {', '.join(vit_only)} {'is a' if len(vit_only) == 1 else 'are'} timm ViT setting(s); "
-                f"{model_name} is a diffusion model: give ratio (fraction of tokens merged), e.g. tome=0.5"
-            )
+        refuse_settings(self, VIT_SETTINGS, "timm ViT",
+                        f"{model_name} is a diffusion model: give ratio (fraction of tokens merged), e.g. tome=0.5")
         if self.mode == "merge" and self.ratio is None:
             raise ValueError(f"ToMe: {model_name} needs ratio (fraction of tokens merged), e.g. tome=0.5, "
                              "or mode='downsample'")
         if self.mode == "merge" and not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("ToMe: merge_attn, merge_crossattn and merge_mlp are all False: nothing would merge")
 
-    @classmethod
-    def coerce(cls, value: Any) -> "ToMe":
-        """``tome=16`` -> ToMe(r=16); ``tome=0.5`` -> ToMe(ratio=0.5); a list -> per-block r."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, bool):
-            raise TypeError("tome: give r (int), ratio (float) or accel.ToMe(...), not a bool")
-        if _is_int(value) or isinstance(value, (list, tuple)):
-            return cls(r=value)
-        if isinstance(value, float):
-            return cls(ratio=value)
-        if isinstance(value, dict):
-            return cls(**value)
-        raise TypeError(
-            "tome: expected accel.ToMe(...), an int r, a float ratio, a per-block list or a dict "
-            f"of settings; got {type(value).__name__}"
-        )
-
     def per_block_r(self, num_blocks: int) -> List[int]:
         """The number of tokens to merge in each of ``num_blocks`` blocks (before capping)."""
-        if self.r is None:
-            raise ValueError(
-                "ToMe: timm ViTs need r (tokens merged per block), e.g. accel.patch(vit, tome=16); "
-                f"ratio={self.ratio} is the diffusion setting"
-            )
-        diffusion = self.diffusion_settings_given()
-        if diffusion:
-            raise ValueError(f"ToMe: {', '.join(diffusion)} {'is a' if len(diffusion) == 1 else 'are'} diffusion "
-                             "setting(s), not used by timm ViTs (which take r, inflect, prop_attn, trace_source)")
-        if isinstance(self.r, tuple):
+        if isinstance(self.r, list):
             if len(self.r) != num_blocks:
                 raise ValueError(
                     f"ToMe: r as a per-block list needs {num_blocks} entries (one per block); got {len(self.r)}"
@@ -197,7 +162,3 @@ class ToMe:
         hi, lo = self.r * (1.0 + self.inflect), self.r * (1.0 - self.inflect)
         step = (lo - hi) / (num_blocks - 1)
         return [max(0, int(round(hi + step * i))) for i in range(num_blocks)]
-
-
-def _default(name: str) -> Any:
-    return ToMe.__dataclass_fields__[name].default

@@ -21,43 +21,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ...families import is_diffusers_pipeline, is_loaded_instance, qualified_name
-from ..base import MethodPatch
+from ...families import is_loaded_instance
+from ..diffusers_model import DiffusersPatch
 from .config import ToMe
 from .merge2d import bipartite_soft_matching_random2d, downsample_tokens
 
-__all__ = ["ToMeDiffusers", "ToMeDiffusionState", "matches", "SUPPORTED"]
+__all__ = ["ToMeDiffusers", "ToMeDiffusionState"]
 
-SUPPORTED = "diffusers pipelines with a UNet2DConditionModel, PixArtTransformer2DModel or DiTTransformer2DModel"
-
-_MODELS = (
-    ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),
-    ("diffusers.models.transformers.pixart_transformer_2d", "PixArtTransformer2DModel"),
-    ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel"),
-)
+_UNET = ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel")
 _NORM_TYPES = ("layer_norm", "ada_norm", "ada_norm_zero", "ada_norm_single")
 _BLOCK_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
                "cross_attention_kwargs", "class_labels", "added_cond_kwargs")
 _LEVELS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def _is_supported_model(obj: Any) -> bool:
-    return any(is_loaded_instance(obj, module, name) for module, name in _MODELS)
-
-
-def _model_of(obj: Any) -> Optional[Any]:
-    """The denoiser of a pipeline (``unet`` or ``transformer``), or ``obj`` itself if it is one."""
-    if is_diffusers_pipeline(obj):
-        for attr in ("unet", "transformer"):
-            model = getattr(obj, attr, None)
-            if model is not None and _is_supported_model(model):
-                return model
-        return None
-    return obj if _is_supported_model(obj) else None
-
-
-def matches(obj: Any) -> bool:
-    return _model_of(obj) is not None
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -138,24 +113,25 @@ class _Ops:
         self.flags: Dict[str, bool] = {}  # which of attn1/attn2/mlp merge
 
 
-class ToMeDiffusers(MethodPatch):
+class ToMeDiffusers(DiffusersPatch):
     method = "tome"
+    SUPPORTED = "diffusers pipelines with a UNet2DConditionModel, PixArtTransformer2DModel or DiTTransformer2DModel"
+    MODELS = (
+        _UNET,
+        ("diffusers.models.transformers.pixart_transformer_2d", "PixArtTransformer2DModel"),
+        ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel"),
+    )
 
     def __init__(self, obj: Any, config: ToMe) -> None:
         super().__init__(obj, config)
         from diffusers.models.attention import BasicTransformerBlock
 
-        model = _model_of(obj)
-        if model is None:
-            raise TypeError(f"tome: {qualified_name(obj)} is not supported; supported: {SUPPORTED}")
+        model, prefix = self.model, self.prefix
         name = type(model).__name__
         config.check_for_diffusion(name)
-        self.model = model
-        is_unet = is_loaded_instance(model, *_MODELS[0])
+        is_unet = is_loaded_instance(model, *_UNET)
         self.patch_size = 1 if is_unet else int(model.config.patch_size or 1)
         levels = self._unet_levels(model) if is_unet else {id(m): 1 for m in model.modules()}
-        prefix = "unet." if model is getattr(obj, "unet", None) else (
-            "transformer." if model is getattr(obj, "transformer", None) else "")
         self.skipped: Dict[str, str] = {}
         found: List[Tuple[str, Any, int]] = []
         for qual, module in model.named_modules():
@@ -209,9 +185,8 @@ class ToMeDiffusers(MethodPatch):
     def _install(self) -> None:
         self.state = ToMeDiffusionState(self.config.seed)
         self.hooks.add(self.model, self._model_forward)
-        if self.model is not self.target:  # a pipeline: the same call with the same seed gives the same image
-            self.hooks.add(self.target, self._pipeline_call, "__call__")
-            self.patched_modules["__call__"] = "reseeds ToMe's generator at each call"
+        # a pipeline: the same call with the same seed gives the same image
+        self.hook_pipeline_call("reseeds ToMe's generator at each call")
         cfg = self.config
         if cfg.mode == "downsample":
             what = f"self-attention keys/values downsampled x{cfg.downsample_factor} ({cfg.downsample_method})"

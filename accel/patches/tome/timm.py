@@ -19,19 +19,12 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ...families import qualified_name
-from ..base import MethodPatch
-from ..vit_block import (attn_residual, hook_blocks, intermediates_as_tokens, is_post_norm, merge_heads,
-                         mlp_residual, split_heads, vit_blocks)
+from ..vit_block import (TimmViTPatch, attn_residual, hook_blocks, intermediates_as_tokens, merge_heads,
+                         mlp_residual, split_heads)
 from .config import ToMe
 from .merge import bipartite_soft_matching, initial_source, merge_source, merge_weighted
 
-__all__ = ["ToMeTimm", "ToMeState", "attention_with_size", "SUPPORTED"]
-
-SUPPORTED = (
-    "timm VisionTransformer models (ViT, DeiT, distilled DeiT, DeiT-3, register-token and "
-    "dynamic_img_size variants) built from timm's Block/ResPostBlock and Attention"
-)
+__all__ = ["ToMeTimm", "ToMeState", "attention_with_size"]
 
 
 class ToMeState:
@@ -61,22 +54,18 @@ def attention_with_size(attn: Any, x: torch.Tensor, size: Optional[torch.Tensor]
     return merge_heads(attn, out, gate), k.mean(dim=1)
 
 
-class ToMeTimm(MethodPatch):
+class ToMeTimm(TimmViTPatch):
     method = "tome"
 
     def __init__(self, model: Any, config: ToMe) -> None:
         super().__init__(model, config)
-        name = qualified_name(model)
         if getattr(model, "attn_pool", None) is not None:
             raise TypeError(
-                f"tome: {name} pools with an attention head (global_pool={model.global_pool!r}), which "
-                f"ToMe cannot serve correctly; supported: {SUPPORTED} with global_pool token/avg/avgmax/max/''"
+                f"tome: {self.name} pools with an attention head (global_pool={model.global_pool!r}), which "
+                f"ToMe cannot serve correctly; supported: {self.SUPPORTED} with global_pool token/avg/avgmax/max/''"
             )
-        blocks = vit_blocks(model, "tome", SUPPORTED)
-        self.blocks = blocks
-        self.post_norm = [is_post_norm(blk) for blk in blocks]
-        self.schedule = config.per_block_r(len(blocks))
-        self.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+        config.check_for_vit()
+        self.schedule = config.per_block_r(len(self.blocks))
 
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:
