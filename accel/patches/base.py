@@ -4,9 +4,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
+import torch
+
 from ..hooks import HookGroup
 
-__all__ = ["MethodPatch", "config_dict"]
+__all__ = ["MethodPatch", "config_dict", "in_backward"]
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass: gradient checkpointing recomputes a block's
+    forward then, and the block must see the per-call state it saw in the forward pass, not the
+    state the rest of the forward left. (torch has no public query for this; its own checkpoint
+    code reads the same graph-task id.)"""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def config_dict(config: Any) -> Dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..base import in_backward
 from ..vit_block import (TimmViTPatch, attn_residual, hook_blocks, intermediates_as_tokens, merge_heads,
                          mlp_residual, split_heads)
 from .config import EViT
@@ -73,8 +74,11 @@ class EViTTimm(TimmViTPatch):
     # -- hooks ----------------------------------------------------------------------------------
     def _block_forward(self, index: int, block: Any, call_next: Any, x: torch.Tensor,
                        attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        # A block's computation depends only on its input; a gradient checkpointing recomputation
+        # (in the backward pass) runs it again without touching the report of the forward pass.
+        report = not in_backward() and not torch.compiler.is_compiling()
         state = self.state
-        if index == 0:
+        if index == 0 and report:
             state.reset()
         n = x.shape[1]
         candidates = n - self.num_prefix
@@ -84,22 +88,23 @@ class EViTTimm(TimmViTPatch):
         elif attn_mask is not None or is_causal:
             raise ValueError("evit: attn_mask/is_causal cannot be combined with token reduction; unpatch first")
         else:
-            out = self._reduce_block(index, block, self.post_norm[index], x, keep)
-        if not torch.compiler.is_compiling():
+            out, kept = self._reduce_block(block, self.post_norm[index], x, keep)
+            if report:
+                state.kept[index] = kept
+        if report:
             state.tokens_in.append(n)
             state.tokens_out.append(out.shape[1])
         return out
 
-    def _reduce_block(self, index: int, block: Any, post_norm: bool, x: torch.Tensor, keep: int) -> torch.Tensor:
+    def _reduce_block(self, block: Any, post_norm: bool, x: torch.Tensor, keep: int):
+        """The reducing block on ``x: [B, N, C]``: its output ``[B, N', C]`` and the kept positions."""
         attn = block.attn
         q, k, v, gate = split_heads(attn, x if post_norm else block.norm1(x))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
         x = attn_residual(block, post_norm, x, merge_heads(attn, out, gate))
         # Reorganise between attention and MLP (paper, Sec. 3.2): the MLP sees the kept tokens only.
         x, kept = keep_and_fuse(x, cls_attention(q, k, attn.scale), keep, self.num_prefix, self.config.fuse)
-        if not torch.compiler.is_compiling():
-            self.state.kept[index] = kept
-        return mlp_residual(block, post_norm, x)
+        return mlp_residual(block, post_norm, x), kept
 
     def _forward_intermediates(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         return intermediates_as_tokens("evit", self.config.keep_rate < 1.0, call_next, *args, **kwargs)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..avit.halting import halting_score
+from ..base import in_backward
 from ..vit_block import TimmViTPatch, attn_residual, hook_blocks, merge_heads, mlp_residual, patch_grid, split_heads
 from .config import TokenExit
 from .frozen import active_first, exits, relative_update
@@ -44,6 +45,9 @@ class TokenExitState:
         self.cumulative: Optional[torch.Tensor] = None  # [B, N] float32 halting scores so far
         self.queries: List[int] = []  # per block: tokens entering attention queries (= the MLP)
         self.tokens: List[int] = []  # per block: all tokens (B * N)
+        # block -> active tokens entering it, kept while gradients are on: what a gradient
+        # checkpointing recomputation of that block must see again
+        self.entries: Dict[int, torch.Tensor] = {}
 
 
 def split_projections(attn: Any, h_query: torch.Tensor, h_all: torch.Tensor):
@@ -90,6 +94,8 @@ class TokenExitTimm(TimmViTPatch):
                        attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         state = self.state
         batch, n, _ = x.shape
+        if in_backward():  # gradient checkpointing recomputes this block: its own entry state, no report
+            return self._block(index, block, call_next, x, attn_mask, is_causal, state.entries[index])[0]
         if index == 0 or state.active is None or state.active.shape != (batch, n):
             state.reset()
             state.active = torch.ones(batch, n, dtype=torch.bool, device=x.device)
@@ -97,29 +103,41 @@ class TokenExitTimm(TimmViTPatch):
                                      device=x.device)
             state.cumulative = torch.zeros(batch, n, device=x.device)
         active = state.active
-        if bool(active.all()):  # nothing stopped yet: timm's own forward, masks and all
-            out = call_next(x, attn_mask=attn_mask, is_causal=is_causal)
-            count = batch * n
-        elif attn_mask is not None or is_causal:
-            raise ValueError("token_exit: attn_mask/is_causal cannot be combined with stopped tokens; unpatch first")
-        else:
-            out, count = self._active_block(block, self.post_norm[index], x, active)
+        if torch.is_grad_enabled():
+            state.entries[index] = active
+        out, count = self._block(index, block, call_next, x, attn_mask, is_causal, active)
         state.queries.append(count)
         state.tokens.append(batch * n)
         depth, config = index + 1, self.config
         if depth < len(self.blocks) and not config.never_exits():
-            halted = None
-            if config.halting:  # A-ViT's cumulative halting score (Sec. 3), accumulated from block 1
-                score = halting_score(out, config.gamma, config.beta)
-                state.cumulative = state.cumulative + torch.where(active, score, torch.zeros_like(score))
-                halted = state.cumulative >= 1.0 - config.eps
-            if depth >= config.min_depth:
-                # SACT-style halting without a trained halting unit: stop when the block barely
-                # moved the token (relative residual norm under the threshold).
-                stop = exits(active, relative_update(out, x), config.threshold, self.num_prefix, halted)
-                state.depth = torch.where(stop[:, self.num_prefix:], depth, state.depth)
-                state.active = active & ~stop
+            with torch.no_grad():  # a decision, not part of the gradient (nor of a checkpoint's saved tensors)
+                self._update_exits(index, x, out, active)
         return out
+
+    def _update_exits(self, index: int, x: torch.Tensor, out: torch.Tensor, active: torch.Tensor) -> None:
+        """Which tokens stop after block ``index`` (input ``x``, output ``out``)."""
+        state, depth, config = self.state, index + 1, self.config
+        halted = None
+        if config.halting:  # A-ViT's cumulative halting score (Sec. 3), accumulated from block 1
+            score = halting_score(out, config.gamma, config.beta)
+            state.cumulative = state.cumulative + torch.where(active, score, torch.zeros_like(score))
+            halted = state.cumulative >= 1.0 - config.eps
+        if depth >= config.min_depth:
+            # SACT-style halting without a trained halting unit: stop when the block barely
+            # moved the token (relative residual norm under the threshold).
+            stop = exits(active, relative_update(out, x), config.threshold, self.num_prefix, halted)
+            state.depth = torch.where(stop[:, self.num_prefix:], depth, state.depth)
+            state.active = active & ~stop
+
+    def _block(self, index: int, block: Any, call_next: Any, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+               is_causal: bool, active: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """Block ``index`` on ``x: [B, N, C]`` with ``active: [B, N]`` tokens updated: the output and
+        the number of tokens that were queries."""
+        if bool(active.all()):  # nothing stopped yet: timm's own forward, masks and all
+            return call_next(x, attn_mask=attn_mask, is_causal=is_causal), active.numel()
+        if attn_mask is not None or is_causal:
+            raise ValueError("token_exit: attn_mask/is_causal cannot be combined with stopped tokens; unpatch first")
+        return self._active_block(block, self.post_norm[index], x, active)
 
     def _active_block(self, block: Any, post_norm: bool, x: torch.Tensor, active: torch.Tensor):
         """The block on the active tokens of ``x: [B, N, C]``; stopped ones are keys/values only."""

@@ -14,11 +14,12 @@ tokens ``[B, N', C]`` with ``N' <= N``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..base import in_backward
 from ..vit_block import (TimmViTPatch, attn_residual, hook_blocks, intermediates_as_tokens, merge_heads,
                          mlp_residual, split_heads)
 from .config import ToMe
@@ -36,6 +37,9 @@ class ToMeState:
     def reset(self) -> None:
         self.size: Optional[torch.Tensor] = None  # [B, N, 1] patches each token stands for
         self.source: Optional[torch.Tensor] = None  # [B, N, N_in] when tracing
+        # block -> (size, source) entering it, kept while gradients are on: what a gradient
+        # checkpointing recomputation of that block must see again
+        self.entries: Dict[int, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         self.tokens_in: List[int] = []
         self.merged: List[int] = []
 
@@ -81,35 +85,43 @@ class ToMeTimm(TimmViTPatch):
     def _block_forward(self, index: int, block: Any, call_next: Any, x: torch.Tensor,
                        attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         state = self.state
+        if in_backward():  # gradient checkpointing recomputes this block: its own entry state, no report
+            size, source = state.entries[index]
+            return self._block(index, block, call_next, x, attn_mask, is_causal, size, source)[0]
         if index == 0:
             state.reset()
-        n = x.shape[1]
-        r = max(0, min(self.schedule[index], (n - self.num_prefix) // 2))
         if self.config.trace_source and state.source is None:
-            state.source = initial_source(x.shape[0], n, x.device, x.dtype)
-        if r == 0 and (state.size is None or not self.config.prop_attn):
-            # nothing to merge and no size bias: timm's own forward, masks and all
-            out = call_next(x, attn_mask=attn_mask, is_causal=is_causal)
-        elif attn_mask is not None or is_causal:
-            raise ValueError("tome: attn_mask/is_causal cannot be combined with token merging (r > 0); unpatch first")
-        else:
-            out = self._merge_block(block, self.post_norm[index], x, r)
+            state.source = initial_source(x.shape[0], x.shape[1], x.device, x.dtype)
+        if torch.is_grad_enabled():
+            state.entries[index] = (state.size, state.source)
+        out, state.size, state.source, r = self._block(index, block, call_next, x, attn_mask, is_causal,
+                                                       state.size, state.source)
         if not torch.compiler.is_compiling():
-            state.tokens_in.append(n)
+            state.tokens_in.append(x.shape[1])
             state.merged.append(r)
         return out
 
-    def _merge_block(self, block: Any, post_norm: bool, x: torch.Tensor, r: int) -> torch.Tensor:
-        state = self.state
-        size = state.size if self.config.prop_attn else None
-        attn_out, metric = attention_with_size(block.attn, x if post_norm else block.norm1(x), size)
+    def _block(self, index: int, block: Any, call_next: Any, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+               is_causal: bool, size: Optional[torch.Tensor], source: Optional[torch.Tensor]):
+        """Block ``index`` on ``x: [B, N, C]`` whose tokens have ``size``/``source``: the output and the
+        merged tokens' size and source, and the number merged."""
+        n = x.shape[1]
+        r = max(0, min(self.schedule[index], (n - self.num_prefix) // 2))
+        if r == 0 and (size is None or not self.config.prop_attn):
+            # nothing to merge and no size bias: timm's own forward, masks and all
+            return call_next(x, attn_mask=attn_mask, is_causal=is_causal), size, source, r
+        if attn_mask is not None or is_causal:
+            raise ValueError("tome: attn_mask/is_causal cannot be combined with token merging (r > 0); unpatch first")
+        post_norm = self.post_norm[index]
+        attn_out, metric = attention_with_size(block.attn, x if post_norm else block.norm1(x),
+                                               size if self.config.prop_attn else None)
         x = attn_residual(block, post_norm, x, attn_out)
         if r > 0:
             match = bipartite_soft_matching(metric, r, protected=self.num_prefix)
-            x, state.size = merge_weighted(match, x, state.size)
-            if state.source is not None:
-                state.source = merge_source(match, state.source)
-        return mlp_residual(block, post_norm, x)
+            x, size = merge_weighted(match, x, size)
+            if source is not None:
+                source = merge_source(match, source)
+        return mlp_residual(block, post_norm, x), size, source, r
 
     def _pool(self, model: Any, call_next: Any, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         size = self.state.size
