@@ -14,9 +14,26 @@ from ..families import is_diffusers_pipeline, is_loaded_instance, qualified_name
 from .base import MethodPatch
 from .steps import call_counting_steps
 
-__all__ = ["DiffusersPatch"]
+__all__ = ["DiffusersPatch", "attend_to"]
 
 _DENOISER_ATTRS = ("unet", "transformer")
+
+
+def attend_to(attn: Any, call: Any, hidden_states: Any, context: Any, **kwargs: Any) -> Any:
+    """A diffusers self-attention ``attn`` with queries from ``hidden_states`` and keys/values from
+    ``context`` (ToDo's downsampled grid, RegionCache's cached tokens), passed as its
+    ``encoder_hidden_states``; ``call`` runs ``attn`` (``attn`` itself, or the rest of a hook chain).
+
+    ``fuse_qkv_projections()`` gives self-attention one fused q/k/v projection and a processor that
+    reads keys/values of another source with ``to_kv``, which only cross-attention gets. Such a
+    module keeps its unfused projections (same weights), so diffusers' standard processor computes
+    it for us then; equal to the fused computation within float tolerance.
+    """
+    if getattr(attn, "to_kv", None) is None and "Fused" in type(getattr(attn, "processor", None)).__name__:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states=context, **kwargs)
+    return call(hidden_states, encoder_hidden_states=context, **kwargs)
 
 
 class DiffusersPatch(MethodPatch):

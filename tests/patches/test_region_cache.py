@@ -413,3 +413,21 @@ def test_refuses_a_model_patched_with_tome():
     assert get_patch(model, "region_cache") is None and get_patch(model, "tome") is not None
     accel.unpatch(model)
     assert hooked(model) == []
+
+
+@pytest.mark.parametrize("order", ["fuse, then patch", "patch, then fuse"])
+def test_fused_qkv_projections(order):
+    """PixArt's ``fuse_qkv_projections()`` leaves self-attention no key/value projection for the
+    cached tokens; cached steps still equal those of the unfused model (float tolerance)."""
+    cfg = accel.RegionCache(ratio=0.5, warmup=2, refresh=0)
+    expected = trajectory(accel.patch(pixart(), region_cache=cfg), "pixart", 5, 2)
+    model = pixart()
+    if order == "fuse, then patch":
+        model.fuse_qkv_projections()
+        accel.patch(model, region_cache=cfg)
+    else:
+        accel.patch(model, region_cache=cfg)
+        model.fuse_qkv_projections()
+    cached = trajectory(model, "pixart", 5, 2)
+    torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)
+    assert accel.describe(model)["methods"]["region_cache"]["last_call"]["tokens_per_step"][2:] == [32, 32, 32]

@@ -382,3 +382,40 @@ def test_low_precision(dtype):
     low_args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
     out = run(model, low_args, {k: v.to(dtype) for k, v in kwargs.items()})
     assert out.dtype == dtype and torch.isfinite(out).all() and cosine(out.float(), expected) > 0.99
+
+
+@pytest.mark.parametrize("order", ["fuse, then patch", "patch, then fuse"])
+@pytest.mark.parametrize("kind", ["sd", "pixart"])
+def test_todo_and_merging_with_fused_qkv_projections(kind, order):
+    """``fuse_qkv_projections()`` leaves self-attention only a fused q/k/v projection; ToDo's keys and
+    values from the downsampled grid still come out as on the unfused model (float tolerance)."""
+    args, kwargs = inputs(kind, batch=2)
+    for setting in (accel.ToMe(mode="downsample"), accel.ToMe(ratio=0.5)):
+        expected = run(accel.patch(BUILDERS[kind](), tome=setting), args, kwargs)
+        model = BUILDERS[kind]()
+        if order == "fuse, then patch":
+            model.fuse_qkv_projections()
+            accel.patch(model, tome=setting)
+        else:
+            accel.patch(model, tome=setting)
+            model.fuse_qkv_projections()
+        assert any(getattr(m, "to_qkv", None) is not None for m in model.modules())
+        torch.testing.assert_close(run(model, args, kwargs), expected, rtol=1e-4, atol=1e-5)
+        accel.unpatch(model)
+        fused = BUILDERS[kind]()
+        fused.fuse_qkv_projections()
+        assert torch.equal(run(model, args, kwargs), run(fused, args, kwargs))
+
+
+def test_todo_on_a_pipeline_fused_after_patching():
+    from accel.pipelines import load
+
+    def draw(pipe):
+        with torch.inference_mode():
+            return pipe(["a photo of a bag"] * 2, num_inference_steps=2, output_type="pt",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    expected = draw(accel.patch(load("fashion-sd"), tome=accel.ToMe(mode="downsample")))
+    pipe = accel.patch(load("fashion-sd"), tome=accel.ToMe(mode="downsample"))
+    pipe.fuse_qkv_projections()
+    torch.testing.assert_close(draw(pipe), expected, rtol=1e-4, atol=1e-5)

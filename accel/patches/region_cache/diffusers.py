@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..diffusers_model import DiffusersPatch
+from ..diffusers_model import DiffusersPatch, attend_to
 from .config import RegionCache
 from .regions import pixel_mask, region_ids, select_tokens, token_mask, token_scores
 
@@ -277,11 +277,9 @@ class RegionCacheDiT(DiffusersPatch):
         # RAS: chosen queries attend to all tokens; skipped ones from their last computation
         context = state.kv[index].scatter(1, _rows(state.plan.chosen, hidden_states.shape[-1]), hidden_states)
         state.kv[index] = context
-        if args:
-            args = (context,) + args[1:]
-        else:
-            kwargs["encoder_hidden_states"] = context
-        return call_next(hidden_states, *args, **kwargs)
+        kwargs.update(zip(("encoder_hidden_states", "attention_mask"), args))  # diffusers' positional order
+        kwargs.pop("encoder_hidden_states", None)
+        return attend_to(attn, call_next, hidden_states, context, **kwargs)
 
     # -- reporting ------------------------------------------------------------------------------
     def last_call(self) -> Optional[Dict[str, Any]]:

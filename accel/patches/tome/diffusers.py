@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ...families import is_loaded_instance
-from ..diffusers_model import DiffusersPatch
+from ..diffusers_model import DiffusersPatch, attend_to
 from .config import ToMe
 from .merge2d import bipartite_soft_matching_random2d, downsample_tokens
 
@@ -292,11 +292,11 @@ class ToMeDiffusers(DiffusersPatch):
         # 1. Self-attention (cross-attention when only_cross_attention).
         merge, unmerge = ops.attn1
         if ops.kv is not None:  # ToDo: queries stay, keys/values from the downsampled grid
-            context = ops.kv(normed)
+            out = attend_to(block.attn1, block.attn1, normed, ops.kv(normed), attention_mask=attention_mask, **kwargs)
         else:
             context = encoder_hidden_states if block.only_cross_attention else None
-        out = unmerge(block.attn1(merge(normed), encoder_hidden_states=context, attention_mask=attention_mask,
-                                  **kwargs))
+            out = unmerge(block.attn1(merge(normed), encoder_hidden_states=context, attention_mask=attention_mask,
+                                      **kwargs))
         hidden_states = _gated_residual(norm_type, gate_msa, out, hidden_states)
 
         # 2. Cross-attention (PixArt feeds the residual stream itself, without norm2).
