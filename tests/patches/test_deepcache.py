@@ -444,3 +444,24 @@ def test_unsupported_models():
     for obj in (dit, transformer, torch.nn.Linear(2, 2)):
         with pytest.raises(TypeError, match="UNet2DConditionModel"):
             accel.patch(obj, deepcache=3)
+
+
+@pytest.mark.parametrize("branch", [4, 7, 8, 10])
+def test_cached_features_are_never_modified_by_their_consumers(branch):
+    """FreeU scales half the channels of an up block's input in place; with the deep output cached,
+    every shallow step on the same input must give the full step's output, with no drift."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(8, 8, 16, 16), cross_attention_dim=8,
+                                norm_num_groups=4, attention_head_dim=2).eval()
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500]), torch.randn(1, 3, 8, generator=g)
+    with torch.inference_mode():
+        full = unet(x, t, c).sample
+        accel.patch(unet, deepcache=DeepCache(interval=10, branch=branch))
+        outputs = [unet(x, t, c).sample for _ in range(4)]  # step 0 full, then three shallow steps
+    assert get_patch(unet, "deepcache").last_call()["full_steps"] == [0]
+    for out in outputs:
+        assert torch.equal(out, full)

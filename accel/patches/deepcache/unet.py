@@ -71,6 +71,15 @@ def deep_units(unet: Any, branch: int) -> Tuple[List[Tuple[str, Any]], int]:
     return units, produced + 1
 
 
+def _hidden_copy(out: Any) -> Any:
+    """A copy of a UNet block's hidden-state output: the tensor itself, or the first element of a
+    down block's ``(hidden_states, res_samples)`` (skip features of skipped blocks are read only by
+    skipped blocks, so they are shared)."""
+    if isinstance(out, tuple) and out and hasattr(out[0], "clone"):
+        return (out[0].clone(),) + out[1:]
+    return out.clone() if hasattr(out, "clone") else out
+
+
 class DeepCacheState:
     """Per-run state of one patched UNet/pipeline; reset at the start of each pipeline call."""
 
@@ -133,7 +142,7 @@ class DeepCacheUNet(DiffusersPatch):
         self.patched_modules[self.prefix.rstrip(".") or "forward"] = "counts steps, picks full/shallow"
         last = self.deep[-1][0]
         for name, block in self.deep:
-            self.hooks.add(block, functools.partial(self._deep_block, name, name == last == "mid_block"))
+            self.hooks.add(block, functools.partial(self._deep_block, name))
             what = "F_cache (cached deep feature)" if name == last else "cached, skipped on shallow steps"
             self.patched_modules[self.prefix + name] = what
         self.hook_pipeline_call("per-call reset, counts scheduler.step")
@@ -201,18 +210,21 @@ class DeepCacheUNet(DiffusersPatch):
             state.step += 1
         return out
 
-    def _deep_block(self, name: str, clone: bool, block: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
-        """A block deeper than the branch: computed and cached on full steps, reused on shallow ones."""
+    def _deep_block(self, name: str, block: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        """A block deeper than the branch: computed and cached on full steps, reused on shallow ones.
+
+        The cache keeps its own copy of the block's hidden-state output and hands out a fresh copy:
+        the UNet and the blocks that read it may change it in place (FreeU scales half the channels
+        of an up block's input, T2I-Adapter adds residuals to down and mid outputs), which would
+        otherwise compound on the cached tensor at every shallow step."""
         state = self.state
         outputs = None if state is None else state.active
         if outputs is None:
             return call_next(*args, **kwargs)
         if state.skip:
-            out = outputs[name]
-            # the UNet adds T2I-Adapter residuals to the mid block's output in place
-            return out.clone() if clone else out
+            return _hidden_copy(outputs[name])
         out = call_next(*args, **kwargs)
-        outputs[name] = out.clone() if clone else out
+        outputs[name] = _hidden_copy(out)
         return out
 
     # -- reporting ------------------------------------------------------------------------------
