@@ -1,5 +1,6 @@
 """The method registry, the shared settings path, and a pipeline with its parts as one patched object."""
 import dataclasses
+import importlib
 import itertools
 
 import numpy as np
@@ -87,6 +88,7 @@ def test_every_built_in_method_is_registered_and_reachable_from_the_top():
     assert names[:7] == ["tome", "deepcache", "avit", "evit", "early_exit", "token_exit", "region_cache"]
     for method in registry.methods()[:7]:
         assert getattr(accel, method.name).__name__ == method.package  # accel.tome is the package
+        assert importlib.import_module(f"accel.{method.name}") is getattr(accel, method.name)  # from accel.tome import
         assert getattr(accel, method.config.__name__) is method.config  # accel.ToMe is the config
         assert getattr(accel, method.name).METHOD is method
     deciders = {m.name for m in registry.methods() if m.decides_tokens}
