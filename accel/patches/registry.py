@@ -193,17 +193,17 @@ def _decides_tokens(name: str) -> bool:
 
 
 # -- applying and removing ------------------------------------------------------------------------
-def install(obj: Any, new: Dict[str, MethodPatch]) -> Dict[str, MethodPatch]:
+def install(obj: Any, new: Dict[str, MethodPatch]) -> List[MethodPatch]:
     """Install the built patches ``new`` ({method: patch}) on ``obj``, atomically.
 
     A patch of the same method already on ``obj``, on one of its parts, or on an object a new
     patch covers is replaced. If anything fails, ``obj`` is left exactly as it was (replaced
-    patches come back). Returns the replaced patches {method: patch}.
+    patches come back). Returns the replaced patches.
     """
     present: List[Tuple[str, MethodPatch]] = []
     for holder in [obj] + [o for patch in new.values() for o in patch.covers()]:
         present += [item for item in _on(holder) if all(item[1] is not p for _, p in present)]
-    replaced = {patch.method: patch for _, patch in present if patch.method in new}
+    replaced = [patch for _, patch in present if patch.method in new]
     kept = [(where, patch) for where, patch in present if patch.method not in new and _decides_tokens(patch.method)]
     wanted = {patch.method for _, patch in kept} | {name for name in new if _decides_tokens(name)}
     if len(wanted) > 1:
@@ -212,20 +212,18 @@ def install(obj: Any, new: Dict[str, MethodPatch]) -> Dict[str, MethodPatch]:
             f"accel.patch: {', '.join(sorted(wanted))} each decide which tokens the blocks of {family(obj)} "
             f"compute and do not compose; patch one of them (already patched: {on})"
         )
-    installed: List[MethodPatch] = []
-    removed: List[MethodPatch] = []
+    done: List[Tuple[str, MethodPatch]] = []  # ("detached" | "attached", patch), to undo in reverse
     try:
         for name, patch in new.items():
-            if name in replaced:
-                _detach(replaced[name])
-                removed.append(replaced[name])
+            for old in replaced:
+                if old.method == name:
+                    _detach(old)
+                    done.append(("detached", old))
             _attach(patch)
-            installed.append(patch)
+            done.append(("attached", patch))
     except BaseException:
-        for patch in reversed(installed):
-            _detach(patch)
-        for patch in removed:
-            _attach(patch)
+        for what, patch in reversed(done):
+            (_detach if what == "attached" else _attach)(patch)
         raise
     return replaced
 
@@ -254,5 +252,6 @@ def scoped(obj: Any, new: Dict[str, MethodPatch]) -> Iterator[Any]:
         for name, patch in new.items():
             if _attached(patch):
                 _detach(patch)
-                if name in replaced:
-                    _attach(replaced[name])
+                for old in replaced:
+                    if old.method == name:
+                        _attach(old)
