@@ -60,6 +60,19 @@ def build_variant(variant: str):
     raise KeyError(variant)
 
 
+def fused_and_patched(model, order: str, **methods):
+    """``model`` with diffusers' ``fuse_qkv_projections()`` and ``accel.patch(**methods)`` applied in
+    ``order`` ("fuse, then patch" or "patch, then fuse")."""
+    import accel
+
+    if order == "fuse, then patch":
+        model.fuse_qkv_projections()
+        return accel.patch(model, **methods)
+    accel.patch(model, **methods)
+    model.fuse_qkv_projections()
+    return model
+
+
 def images(batch: int = 2, size=(32, 32), seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
 

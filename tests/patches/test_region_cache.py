@@ -9,6 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import accel
 from accel.api import get_patch
+from tests.conftest import fused_and_patched
 
 torch.set_num_threads(1)
 
@@ -421,13 +422,7 @@ def test_fused_qkv_projections(order):
     cached tokens; cached steps still equal those of the unfused model (float tolerance)."""
     cfg = accel.RegionCache(ratio=0.5, warmup=2, refresh=0)
     expected = trajectory(accel.patch(pixart(), region_cache=cfg), "pixart", 5, 2)
-    model = pixart()
-    if order == "fuse, then patch":
-        model.fuse_qkv_projections()
-        accel.patch(model, region_cache=cfg)
-    else:
-        accel.patch(model, region_cache=cfg)
-        model.fuse_qkv_projections()
+    model = fused_and_patched(pixart(), order, region_cache=cfg)
     cached = trajectory(model, "pixart", 5, 2)
     torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)
     assert accel.describe(model)["methods"]["region_cache"]["last_call"]["tokens_per_step"][2:] == [32, 32, 32]

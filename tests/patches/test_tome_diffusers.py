@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import accel
 from accel.api import get_patch
-from tests.conftest import make_vit
+from tests.conftest import fused_and_patched, make_vit
 from tests.patches.test_tome_merge2d import offsets_for, reference_groups
 
 
@@ -392,13 +392,7 @@ def test_todo_and_merging_with_fused_qkv_projections(kind, order):
     args, kwargs = inputs(kind, batch=2)
     for setting in (accel.ToMe(mode="downsample"), accel.ToMe(ratio=0.5)):
         expected = run(accel.patch(BUILDERS[kind](), tome=setting), args, kwargs)
-        model = BUILDERS[kind]()
-        if order == "fuse, then patch":
-            model.fuse_qkv_projections()
-            accel.patch(model, tome=setting)
-        else:
-            accel.patch(model, tome=setting)
-            model.fuse_qkv_projections()
+        model = fused_and_patched(BUILDERS[kind](), order, tome=setting)
         assert any(getattr(m, "to_qkv", None) is not None for m in model.modules())
         torch.testing.assert_close(run(model, args, kwargs), expected, rtol=1e-4, atol=1e-5)
         accel.unpatch(model)
