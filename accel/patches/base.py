@@ -16,6 +16,8 @@ def in_backward() -> bool:
     forward then, and the block must see the per-call state it saw in the forward pass, not the
     state the rest of the forward left. (torch has no public query for this; its own checkpoint
     code reads the same graph-task id.)"""
+    if torch.compiler.is_compiling():  # a compiled graph is recomputed by the compiler, not by our hooks
+        return False
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
 
