@@ -248,3 +248,5 @@ def test_torch_compile_smoke():
         compiled = torch.compile(model)
         torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0  # one graph: nothing in the hooks breaks it
