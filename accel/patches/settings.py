@@ -29,7 +29,8 @@ def is_real(value: Any) -> bool:
 
 
 def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy.bool_ without importing numpy
+    # numpy's bool (``bool_`` before NumPy 2) without importing numpy
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")
 
 
 def check_int(owner: str, name: str, value: Any, low: Optional[int] = None, allowed: Optional[str] = None) -> int:

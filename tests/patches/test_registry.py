@@ -115,6 +115,9 @@ def test_numpy_scalars_are_the_numbers_they_hold():
     assert accel.TokenExit.coerce(np.float32(0.25)) == accel.TokenExit(threshold=0.25)
     assert accel.RegionCache.coerce(np.float64(0.5)).ratio == 0.5
     assert accel.ToMe(r=[np.int64(1), 2]).r == [1, 2]
+    assert accel.ToMe(r=4, prop_attn=np.False_).prop_attn is False
+    with pytest.raises(TypeError, match="not a bool"):
+        accel.ToMe.coerce(np.True_)
     vit = make_vit()
     x = images(2)
     with torch.inference_mode():
