@@ -6,7 +6,8 @@ import torch
 from accel.eval.bench import device_sync, logit_cosine, top1_agreement
 from accel.eval.report import (BENCH_COLUMNS, device_section, format_table, machine_description, replace_section,
                                run_meta)
-from accel.eval.timing import time_interleaved
+from accel.eval.progress import duration
+from accel.eval.timing import busy_warning, cpu_per_wall, time_interleaved
 
 
 class FakeClock:
@@ -62,6 +63,52 @@ def test_sync_brackets_every_timed_call():
     assert timings["a"].seconds == [5.0, 5.0] and timings["b"].seconds == [1.0, 1.0]
     unsynced = time_interleaved({"a": variant("a"), "b": variant("b")}, repeats=1, warmup=0, clock=clock)
     assert unsynced["a"].seconds == [0.0]  # without sync the queued work is not seen
+
+
+def scripted(clock, cpu, seconds, cpu_share, warmup_cpu_share=0.0):
+    """Variants that each take ``seconds`` of wall time and ``cpu_share`` CPU seconds per wall
+    second (``warmup_cpu_share`` for their first call, the warm-up)."""
+    calls = {}
+
+    def variant(name):
+        def run():
+            share = warmup_cpu_share if calls.setdefault(name, 0) == 0 else cpu_share
+            calls[name] += 1
+            clock.now += seconds
+            cpu.now += share * seconds
+        return run
+
+    return {"a": variant("a"), "b": variant("b")}
+
+
+@pytest.mark.parametrize("cpu_share, warned", [(1.98, False), (1.75, False), (1.6, True), (1.3, True), (0.9, True)])
+def test_cpu_time_is_read_beside_wall_time_and_a_busy_machine_is_flagged(cpu_share, warned):
+    """A process given fewer cores than its threads uses less CPU time per wall second: below 0.85
+    of the thread count the readings come with a warning. Warm-up calls do not count."""
+    clock, cpu = FakeClock(), FakeClock()
+    timings = time_interleaved(scripted(clock, cpu, 2.0, cpu_share, warmup_cpu_share=0.1), repeats=3, warmup=1,
+                               clock=clock, cpu_clock=cpu)
+    assert timings["a"].cpu_seconds == pytest.approx([2 * cpu_share] * 3)
+    used = cpu_per_wall(timings)
+    assert used == pytest.approx(cpu_share)
+    warning = busy_warning(used, threads=2)
+    assert (warning is not None) == warned
+    if warned:
+        assert f"CPU used {cpu_share:.1f} of 2 threads" in warning and "unreliable" in warning
+    assert busy_warning(None, threads=2) is None  # no reading, no claim
+
+
+def test_progress_bar_goes_to_stderr_and_the_estimate_comes_from_the_warm_up(capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    clock, cpu, said = FakeClock(), FakeClock(), []
+    time_interleaved(scripted(clock, cpu, 3.0, 2.0), repeats=4, warmup=1, clock=clock, cpu_clock=cpu,
+                     progress="toy", log=said.append)
+    assert said == ["toy: 2 settings x 4 rounds, about 25 s"]  # warm-up round 6 s, times 4 rounds
+    captured = capsys.readouterr()
+    assert captured.out == "" and "toy" in captured.err
+    time_interleaved(scripted(clock, cpu, 3.0, 2.0), repeats=1, clock=clock, cpu_clock=cpu)
+    assert capsys.readouterr().err == ""  # no label, no bar (library callers print their own)
+    assert [duration(s) for s in (0.3, 12, 89, 100, 200)] == ["5 s", "10 s", "90 s", "2 minutes", "3 minutes"]
 
 
 def test_device_sync_and_machine_description_on_the_cpu():
