@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from .bench import accuracy
-from .timing import time_interleaved
+from .progress import duration, progress_bar
+from .timing import cpu_per_wall, time_interleaved
 
 __all__ = ["psnr", "DiffusionRow", "DIFFUSION_COLUMNS", "bench_diffusion", "image_grid"]
 
@@ -42,6 +43,7 @@ class DiffusionRow:
     fid: Optional[float]
     clip_score: Optional[float]
     class_accuracy: Optional[float]
+    cpu_per_wall: Optional[float] = None  # of the whole interleaved timing (``timing.cpu_per_wall``)
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -75,40 +77,57 @@ def bench_diffusion(
     prompts: Optional[Callable[[int], str]] = None,
     classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     clip_scorer: Any = None,
+    progress: Optional[str] = None,
+    log: Optional[Callable[[str], Any]] = None,
 ) -> tuple:
     """Rows for the unpatched pipeline and each variant ``{label: accel.patch keywords}``, and
     the images of each (``{label: uint8 [per_class * num_classes, H, W]}``).
 
     ``generate(pipe, labels, steps)`` returns uint8 images of the classes ``labels`` with fixed seeds;
     ``fid_reference`` is an ``accel.eval.fid.FidReference`` of real images. Quality columns are
-    skipped (None) when their model is not given.
+    skipped (None) when their model is not given. ``progress``: a label for progress bars on stderr;
+    ``log`` (e.g. ``print``) is told what the quality pass will cost, from the measured speed.
     """
-    from .. import api
+    from .. import patch
 
     pipes = {"unpatched": pipe}
     for label, methods in variants.items():
-        pipes[label] = api.patch(copy.deepcopy(pipe), **methods)
+        pipes[label] = patch(copy.deepcopy(pipe), **methods)
     one_each = torch.arange(num_classes)
     calls = {label: (lambda p=p: generate(p, one_each, steps)) for label, p in pipes.items()}
-    timings = time_interleaved(calls, repeats=repeats, warmup=1, items_per_call=num_classes)
+    timings = time_interleaved(calls, repeats=repeats, warmup=1, items_per_call=num_classes,
+                               progress=f"{progress}: timing" if progress else None)
 
     labels = torch.arange(num_classes).repeat_interleave(per_class)
-    images = {label: generate(p, labels, steps) for label, p in pipes.items()}
+    if log is not None:
+        seconds = len(labels) * sum(t.median_s for t in timings.values()) / num_classes
+        log(f"quality: {len(labels)} images with each of {len(pipes)} settings, about {duration(seconds)}"
+            + (" and the FID features" if fid_reference is not None else ""))
+    images = {}
+    with progress_bar(f"{progress}: generating" if progress else None, total=len(pipes) * len(labels),
+                      unit="image") as bar:
+        for label, p in pipes.items():
+            images[label] = generate(p, labels, steps)
+            bar.update(len(labels))
     reference = images["unpatched"]
+    used = cpu_per_wall(timings)
     rows = []
-    for label in pipes:
-        out = images[label]
-        method = "-" if label == "unpatched" else "+".join(variants[label])
-        rows.append(DiffusionRow(
-            model=model_name, method=method, settings=label, steps=steps,
-            s_per_image=timings[label].median_s / num_classes,
-            speedup=timings[label].speedup_over(timings["unpatched"]),
-            psnr=None if label == "unpatched" else psnr(out, reference),
-            fid=None if fid_reference is None else fid_reference.fid(out),
-            clip_score=None if clip_scorer is None or prompts is None
-            else clip_scorer.score(out, [prompts(int(c)) for c in labels]),
-            class_accuracy=None if classifier is None else accuracy(classifier(out), labels),
-        ))
+    with progress_bar(f"{progress}: scoring" if progress else None, total=len(pipes), unit="setting") as bar:
+        for label in pipes:
+            out = images[label]
+            method = "-" if label == "unpatched" else "+".join(variants[label])
+            rows.append(DiffusionRow(
+                model=model_name, method=method, settings=label, steps=steps,
+                s_per_image=timings[label].median_s / num_classes,
+                speedup=timings[label].speedup_over(timings["unpatched"]),
+                psnr=None if label == "unpatched" else psnr(out, reference),
+                fid=None if fid_reference is None else fid_reference.fid(out),
+                clip_score=None if clip_scorer is None or prompts is None
+                else clip_scorer.score(out, [prompts(int(c)) for c in labels]),
+                class_accuracy=None if classifier is None else accuracy(classifier(out), labels),
+                cpu_per_wall=used,
+            ))
+            bar.update()
     return rows, images
 
 

@@ -90,18 +90,26 @@ def make_fid(features: Optional[InceptionFeatures] = None, reset_real_features: 
 class FidReference:
     """The real images' Inception statistics, computed once; ``fid(fake)`` against them.
 
-    ``real`` and the sets given to ``fid`` are uint8 images, ``[N, H, W]`` grey or ``[N, C, H, W]``.
+    ``real`` and the sets given to ``fid`` are uint8 images, ``[N, H, W]`` grey or ``[N, C, H, W]``;
+    ``progress``: a label for a progress bar (stderr) over the real images.
     """
 
-    def __init__(self, real: torch.Tensor, features: Optional[InceptionFeatures] = None, batch: int = 100) -> None:
+    def __init__(self, real: torch.Tensor, features: Optional[InceptionFeatures] = None, batch: int = 100,
+                 progress: Optional[str] = None) -> None:
         self.batch = batch
         self.metric = make_fid(features, reset_real_features=False)
-        self._update(real, real=True)
+        self._update(real, real=True, progress=progress)
 
-    def _update(self, images: torch.Tensor, real: bool) -> None:
+    def _update(self, images: torch.Tensor, real: bool, progress: Optional[str] = None) -> None:
+        from .progress import progress_bar
+
         images = images.unsqueeze(1) if images.ndim == 3 else images
-        for start in range(0, len(images), self.batch):
-            self.metric.update(images[start:start + self.batch], real=real)
+        # Inception-v3 at 299x299 runs about 7 images/s on 2 CPU cores: a bar for the real set.
+        with progress_bar(progress, total=len(images), unit="image") as bar:
+            for start in range(0, len(images), self.batch):
+                chunk = images[start:start + self.batch]
+                self.metric.update(chunk, real=real)
+                bar.update(len(chunk))
 
     def fid(self, fake: torch.Tensor) -> float:
         self.metric.reset()  # the generated statistics only
