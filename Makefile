@@ -18,8 +18,9 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 install: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
+# `make run` is the quick run (about 80 s on an idle 2-core CPU); `make run ARGS=--full` the complete one.
 run: install
-	$(VENV)/bin/accel bench
+	$(VENV)/bin/accel bench $(ARGS)
 
 test: dev
 	$(PY) -m pytest -q

@@ -2,18 +2,39 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main"]
+__all__ = ["main", "diffusion_variants", "QUICK", "FULL", "TIMM"]
 
 BUILT_IN_VIT = "fashion-vit"
 BUILT_IN_DIFFUSION = ("fashion-sd", "fashion-dit")
-DEFAULT_MODEL = "built-in"  # all of the above, one table each
-DEFAULT_R_BUILT_IN = [1, 2, 3]  # 50 tokens, 12 blocks
-DEFAULT_R_TIMM = [8, 16]  # 197 tokens, 12 blocks
+DEFAULT_MODEL = "built-in"  # the built-in models, one table each
+
+# Settings of the built-in run. The quick run (the default, what `make run` runs) keeps the settings
+# where the methods pay: ToMe r=2..4 (under 1.1 points of accuracy), the shipped early-exit heads and
+# A-ViT fine-tune on fashion-vit, DeepCache on fashion-sd. fashion-vit is timed at batch 256, as in
+# scripts/bench_adaptive.py: a call lasts about half a second, and beside a competing busy process
+# the ToMe rows kept their order there, not at batch 64. FID is left out: its Inception pass over
+# 500 real and 100 generated images per row took longer than the rest of the run, and FID on 100
+# images cannot resolve the differences at stake; PSNR, CLIP score and class accuracy stay.
+# --full is the complete run, including the rows that lose on models this small.
+QUICK = dict(batch=256, r=[2, 3, 4], repeats=10, eval_images=2000, per_class=10, fid_real=0, diffusion_repeats=5,
+             diffusion=("fashion-sd",))
+FULL = dict(batch=64, r=[1, 2, 3], repeats=5, eval_images=2000, per_class=10, fid_real=500, diffusion_repeats=3,
+            diffusion=BUILT_IN_DIFFUSION)
+TIMM = dict(batch=64, r=[8, 16], repeats=5)  # 197 tokens, 12 blocks
+
+# Seconds on the idle 2-core CPU (docs/benchmarks.md, accel_bench), for the estimate printed first:
+# start-up, one fashion-vit image at batch 256, one generated 28x28 image at 20 steps, one FID image.
+_COST = dict(start=4.0, vit_image=2.3e-3, generate={"fashion-sd": 0.12, "fashion-dit": 0.075}, fid_image=0.12)
+# Cost of a setting relative to the unpatched model, as measured; unknown settings count as 1.
+_RELATIVE = {"deepcache 3": 0.5, "deepcache 5": 0.36, "tome 0.5 + deepcache 3": 0.52, "tome 0.5": 1.1,
+             "tome downsample 2x (ToDo)": 1.05, "early exit": 0.25, "avit": 0.5}
 
 
 def _int_list(text: str) -> List[int]:
@@ -26,90 +47,163 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
-def _bench_inputs(args: argparse.Namespace):
-    """(model, timing inputs, check inputs, labels or None, description) for ``--model``."""
-    import torch
-
-    if args.model == BUILT_IN_VIT:
-        from .pipelines import load, load_test_subset
-        from .pipelines.fashion_vit import preprocess
-
-        images, labels = load_test_subset()
-        n = min(args.eval_images, len(images))
-        return (load(BUILT_IN_VIT), preprocess(images[: args.batch]), preprocess(images[:n]), labels[:n],
-                f"model: {BUILT_IN_VIT} (built-in timm ViT trained on Fashion-MNIST; accuracy on {n} images "
-                f"of the shipped test subset)")
-    import timm
-
-    torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    shape = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    inputs = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
-    return (model, inputs, inputs, None,
-            f"model: {args.model} (timm, seeded random weights, seed {args.seed}: no network, no trained "
-            f"checkpoint; speed is real, agreement is measured on random weights)")
-
-
-def diffusion_variants(name: str) -> Dict[str, Dict[str, Any]]:
-    """The settings ``accel bench`` compares on a built-in diffusion pipeline: {label: patch keywords}."""
+def diffusion_variants(name: str, full: bool = True) -> Dict[str, Dict[str, Any]]:
+    """The settings ``accel bench`` compares on a built-in diffusion pipeline: {label: patch keywords}.
+    The quick run keeps fashion-sd's DeepCache rows; ToMe does not pay on these small latents."""
     from . import ToMe
 
     if name == "fashion-sd":
+        if not full:
+            return {"deepcache 3": {"deepcache": 3}, "deepcache 5": {"deepcache": 5}}
         return {"tome 0.5": {"tome": 0.5}, "deepcache 3": {"deepcache": 3}, "deepcache 5": {"deepcache": 5},
                 "tome 0.5 + deepcache 3": {"tome": 0.5, "deepcache": 3}}
     return {"tome 0.5": {"tome": 0.5}, "tome downsample 2x (ToDo)": {"tome": ToMe(mode="downsample")}}
 
 
+def estimate_seconds(args: argparse.Namespace) -> float:
+    """Rough seconds the built-in run with ``args`` takes on an idle 2-core CPU (from ``_COST``)."""
+    vit = [1.0] + [1 / (1 + r / 3) for r in args.r] + [_RELATIVE["early exit"], _RELATIVE["avit"]]
+    seconds = _COST["start"] + _COST["vit_image"] * sum(vit) * (args.batch * (1 + args.repeats) + args.eval_images)
+    for name in args.diffusion:
+        relative = [1.0] + [_RELATIVE.get(label, 1.0) for label in diffusion_variants(name, args.full)]
+        images = 10 * (1 + args.diffusion_repeats) + 10 * args.per_class
+        seconds += _COST["generate"][name] * args.steps / 20 * images * sum(relative)
+        if args.fid_real:
+            seconds += _COST["fid_image"] * 10 * args.per_class * len(relative)
+    return seconds + (_COST["fid_image"] * args.fid_real if args.fid_real and args.diffusion else 0.0)
+
+
+def _show(rows: Sequence[Any], columns: Sequence[Tuple[str, str, str]], name: str) -> str:
+    """Print ``rows`` as a text table, after the CPU reading of their timing and, when the machine
+    was busy, a warning; return the same as Markdown. Columns with no value in any row are left out."""
+    import torch
+
+    from .eval.report import format_table
+    from .eval.timing import busy_warning
+
+    dicts = [row.as_dict() for row in rows]
+    columns = [c for c in columns if any(d.get(c[0]) is not None for d in dicts)]
+    used, threads = dicts[0].get("cpu_per_wall"), torch.get_num_threads()
+    lines = [f"{name}: CPU use while timing: {used:.2f} of {threads} threads"] if used is not None else []
+    warning = busy_warning(used, threads)
+    print("\n".join(lines + ([warning] if warning else []) + [format_table(dicts, columns, style="text")]) + "\n")
+    markdown = ([f"**{warning}**"] if warning else []) + [format_table(dicts, columns)] + [line + "." for line in lines]
+    return "\n\n".join(markdown)
+
+
+def _bench_vit(args: argparse.Namespace) -> str:
+    import torch
+
+    from . import ToMe
+    from .eval.bench import compare_variants, patched_copy
+    from .eval.progress import say
+    from .eval.report import ACCURACY_COLUMNS, BENCH_COLUMNS
+
+    methods: Dict[str, str] = {}
+    if args.model == BUILT_IN_VIT:
+        from .pipelines import load, load_test_subset
+        from .pipelines.data import ASSETS
+        from .pipelines.fashion_vit import preprocess
+
+        images, labels = load_test_subset()
+        n = min(args.eval_images, len(images))
+        model, inputs, check, labels = load(BUILT_IN_VIT), preprocess(images[: args.batch]), preprocess(images[:n]), \
+            labels[:n]
+        print(f"model: {BUILT_IN_VIT} (built-in timm ViT trained on Fashion-MNIST; accuracy on {n} images of the "
+              f"shipped test subset; early exit with its shipped calibrated heads, A-ViT with fashion-vit-avit, "
+              f"its fine-tune for halting)")
+    else:
+        import timm
+
+        torch.manual_seed(args.seed)
+        model = timm.create_model(args.model, pretrained=False).eval()
+        shape = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        inputs = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
+        check, labels = inputs, None
+        print(f"model: {args.model} (timm, seeded random weights, seed {args.seed}: no network, no trained "
+              f"checkpoint; speed is real, agreement is measured on random weights)")
+    print(f"input: batch {tuple(inputs.shape)} fp32, {torch.get_num_threads()} threads, "
+          f"{args.repeats} interleaved rounds, medians")
+    variants = {f"r={r}": patched_copy(model, tome=ToMe(r=r)) for r in args.r}
+    methods.update({name: "tome" for name in variants})
+    if args.model == BUILT_IN_VIT:
+        avit_model, halting = load("fashion-vit-avit")
+        # The shipped heads' thresholds were calibrated to lose at most 0.5 points on held-out images.
+        variants["shipped exit heads"] = patched_copy(model, early_exit=str(ASSETS / "fashion-vit-exits"))
+        variants[f"eps {halting.eps:g}"] = patched_copy(avit_model, avit=halting)
+        methods.update({"shipped exit heads": "early_exit", f"eps {halting.eps:g}": "avit"})
+    rows = compare_variants(model, variants, inputs, model_name=args.model, method=methods, repeats=args.repeats,
+                            agreement_inputs=check, labels=labels, eval_batch=args.batch, progress=args.model,
+                            log=say)
+    return _show(rows, BENCH_COLUMNS if labels is None else ACCURACY_COLUMNS, args.model)
+
+
 def _diffusion_judges(args: argparse.Namespace) -> Dict[str, Any]:
     """What scores generated images, loaded once for every pipeline: the classifier, the CLIP
-    scorer and the real test images' FID statistics."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
+    scorer and (with ``--fid-real``) the real test images' FID statistics."""
     from .eval.clip_score import ClipScorer
-    from .eval.fid import FidReference
     from .pipelines import load, load_test_subset
     from .pipelines.fashion_vit import preprocess
 
-    diffusers_logging.disable_progress_bar()  # loading bars would interleave with the table
-    transformers_logging.disable_progress_bar()
     vit = load(BUILT_IN_VIT)
-    real, _ = load_test_subset()
-    real = real[: args.fid_real]
-    return {"classifier": lambda x: vit(preprocess(x)), "clip_scorer": ClipScorer(),
-            "fid_reference": FidReference(real), "real_count": len(real)}
+    judges = {"classifier": lambda x: vit(preprocess(x)), "clip_scorer": ClipScorer(), "fid_reference": None,
+              "real_count": 0}
+    if args.fid_real:
+        from .eval.fid import FidReference
+
+        real, _ = load_test_subset()
+        real = real[: args.fid_real]
+        judges.update(fid_reference=FidReference(real, progress=f"FID: Inception features of {len(real)} test images"),
+                      real_count=len(real))
+    return judges
 
 
 def _bench_diffusion(name: str, args: argparse.Namespace, judges: Dict[str, Any]) -> str:
     from .eval.diffusion import DIFFUSION_COLUMNS, bench_diffusion, image_grid
-    from .eval.report import format_table
+    from .eval.progress import say
     from .pipelines import FASHION_CLASSES, load, prompt_for
     from .pipelines.fashion_sd import generate
 
     pipe = load(name)
     n = args.per_class * len(FASHION_CLASSES)
+    fid = (f"FID against {judges['real_count']} test images (Inception-v3 features), " if judges["fid_reference"]
+           else "")
     print(f"model: {name} (built-in diffusers pipeline trained on Fashion-MNIST), {args.steps} steps, guidance "
           f"{args.guidance}; speed: one image of each class per call, {args.diffusion_repeats} interleaved rounds, "
-          f"medians; quality on {n} images with fixed seeds: PSNR against the unpatched image, FID against "
-          f"{judges['real_count']} test images (Inception-v3 features), CLIP score (fashion-clip), class accuracy "
-          f"(fashion-vit)")
+          f"medians; quality on {n} images with fixed seeds: PSNR against the unpatched image, {fid}CLIP score "
+          f"(fashion-clip), class accuracy (fashion-vit)")
     rows, images = bench_diffusion(
-        pipe, diffusion_variants(name), model_name=name, num_classes=len(FASHION_CLASSES), steps=args.steps,
-        per_class=args.per_class, repeats=args.diffusion_repeats, prompts=prompt_for,
+        pipe, diffusion_variants(name, args.full), model_name=name, num_classes=len(FASHION_CLASSES),
+        steps=args.steps, per_class=args.per_class, repeats=args.diffusion_repeats, prompts=prompt_for,
         generate=lambda p, labels, steps: generate(p, labels, steps, args.guidance, seed=args.seed),
         fid_reference=judges["fid_reference"], classifier=judges["classifier"], clip_scorer=judges["clip_scorer"],
+        progress=name, log=say,
     )
-    print(format_table([row.as_dict() for row in rows], DIFFUSION_COLUMNS, style="text"))
+    table = _show(rows, DIFFUSION_COLUMNS, name)
     grid = image_grid(images, Path(args.out) / f"{name}-grid.png", columns=range(0, n, args.per_class))
     print(f"image grid (one row per setting, one column per class): {grid}\n")
-    return format_table([row.as_dict() for row in rows], DIFFUSION_COLUMNS)
+    return table
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from .eval.progress import duration
+
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    diffusers_logging.disable_progress_bar()  # loading bars would interleave with the tables
+    transformers_logging.disable_progress_bar()
     if args.model == DEFAULT_MODEL:
+        other = _resolve(build_parser().parse_args(["bench"] + ([] if args.full else ["--full"])))
+        what, alternative = (("every setting on every built-in model, with FID", "the quick run, without --full")
+                             if args.full else ("the built-in models at the settings where the methods pay",
+                                                "every setting with FID, --full"))
+        print(f"accel bench: {what}; about {duration(estimate_seconds(args))} on an idle 2-core CPU "
+              f"({alternative}: about {duration(estimate_seconds(other))})\n")
         tables = [_bench_vit(argparse.Namespace(**{**vars(args), "model": BUILT_IN_VIT}))]
         judges = _diffusion_judges(args)
-        tables += [_bench_diffusion(name, args, judges) for name in BUILT_IN_DIFFUSION]
+        tables += [_bench_diffusion(name, args, judges) for name in args.diffusion]
     elif args.model in BUILT_IN_DIFFUSION:
         tables = [_bench_diffusion(args.model, args, _diffusion_judges(args))]
     else:
@@ -121,38 +215,21 @@ def _bench(args: argparse.Namespace) -> int:
 
         argv = [a for a in args.argv[1:] if not a.startswith("--report") and a != args.report]
         command = " ".join(["accel bench"] + argv)
-        replace_section(Path(args.report), "accel_bench", (
-            f"Measured {datetime.date.today().isoformat()} on {machine_description()}. Command: `{command}`\n\n"
+        minutes = (time.perf_counter() - started) / 60
+        # The quick run and --full keep their own sections, so that the docs show both.
+        section = "accel_bench_full" if args.full else "accel_bench"
+        replace_section(Path(args.report), section, (
+            f"Measured {datetime.date.today().isoformat()} on {machine_description()}; load average "
+            f"{load:.2f} at the start. Command: `{command}` (the whole run: {minutes:.1f} minutes)\n\n"
             + "\n\n".join(tables)))
-        print(f"wrote the tables to {args.report}")
+        print(f"wrote the tables to {args.report} (section {section})")
     return 0
-
-
-def _bench_vit(args: argparse.Namespace) -> str:
-    import torch
-
-    from . import ToMe
-    from .eval.bench import compare_variants, patched_copy
-    from .eval.report import ACCURACY_COLUMNS, BENCH_COLUMNS, format_table
-
-    model, inputs, check, labels, description = _bench_inputs(args)
-    rs = args.r or (DEFAULT_R_BUILT_IN if args.model == BUILT_IN_VIT else DEFAULT_R_TIMM)
-    print(description)
-    print(f"input: batch {tuple(inputs.shape)} fp32, {torch.get_num_threads()} threads, "
-          f"{args.repeats} interleaved rounds, medians\n")
-    variants = {f"r={r}": patched_copy(model, tome=ToMe(r=r)) for r in rs}
-    rows = compare_variants(model, variants, inputs, model_name=args.model, method="tome",
-                            repeats=args.repeats, agreement_inputs=check, labels=labels)
-    columns = BENCH_COLUMNS if labels is None else ACCURACY_COLUMNS
-    print(format_table([row.as_dict() for row in rows], columns, style="text") + "\n")
-    return format_table([row.as_dict() for row in rows], columns)
 
 
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import __version__
-    from .api import available_methods
+    from . import __version__, available_methods
 
     print(f"accel {__version__} on Python {platform.python_version()}, torch {torch.__version__}")
     for name in ("timm", "diffusers", "transformers", "triton"):
@@ -165,28 +242,51 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _defaults(key: str) -> str:
+    """An option's defaults for its help: ``"default 256; with --full 64; for timm models 64"``."""
+    def show(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    text = f"default {show(QUICK[key])}" + (f"; with --full {show(FULL[key])}" if FULL[key] != QUICK[key] else "")
+    return text + (f"; for timm models {show(TIMM[key])}" if key in TIMM and TIMM[key] != QUICK[key] else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="speed and agreement of each method against the unpatched model")
+    bench = sub.add_parser(
+        "bench", help="speed and quality of each method against the unpatched model",
+        description="Speed (interleaved side-by-side timing, medians) and quality of each method against the "
+                    "unpatched model. The default is a quick run of the settings where the methods pay on the "
+                    "built-in models (about 80 s on an idle 2-core CPU); --full runs every setting, FID and "
+                    "fashion-dit (about 5 minutes). Progress bars go to stderr (TQDM_DISABLE=1 turns them off), "
+                    "the tables to stdout; a table timed on a busy machine comes with a warning.")
     bench.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"{DEFAULT_MODEL} (the default: {BUILT_IN_VIT}, {', '.join(BUILT_IN_DIFFUSION)}, trained "
-                            f"and shipped), one of those, or a timm model name (random weights)")
-    bench.add_argument("--batch", type=int, default=64, help="images per timed call (default 64)")
+                       help=f"{DEFAULT_MODEL} (the default: {BUILT_IN_VIT} and {', '.join(BUILT_IN_DIFFUSION)}, "
+                            f"trained and shipped), one of those, or a timm model name (random weights)")
+    bench.add_argument("--full", action="store_true",
+                       help="the complete run on the built-in models: every setting (including those that do not "
+                            "pay on models this small), FID, fashion-dit")
+    bench.add_argument("--batch", type=int, default=None,
+                       help=f"images per timed call ({_defaults('batch')})")
     bench.add_argument("--r", type=_int_list, default=None,
-                       help=f"ToMe r values, comma-separated (default {','.join(map(str, DEFAULT_R_BUILT_IN))} for "
-                            f"{BUILT_IN_VIT}, {','.join(map(str, DEFAULT_R_TIMM))} for timm models)")
-    bench.add_argument("--eval-images", type=int, default=2000, help="test-subset images for accuracy (built-in)")
-    bench.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (default 5)")
+                       help=f"ToMe r values, comma-separated ({_defaults('r')})")
+    bench.add_argument("--eval-images", type=int, default=None,
+                       help=f"test-subset images for accuracy (built-in; {_defaults('eval_images')})")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help=f"interleaved timing rounds ({_defaults('repeats')})")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--report", default=None, help="also write the tables (Markdown) into this file's "
                                                       "accel_bench section, e.g. docs/benchmarks.md")
     diffusion = bench.add_argument_group("diffusion pipelines")
     diffusion.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     diffusion.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    diffusion.add_argument("--per-class", type=int, default=10, help="images per class for quality (default 10)")
-    diffusion.add_argument("--fid-real", type=int, default=500, help="real test images for FID (default 500)")
-    diffusion.add_argument("--diffusion-repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
+    diffusion.add_argument("--per-class", type=int, default=None,
+                           help=f"images per class for quality ({_defaults('per_class')})")
+    diffusion.add_argument("--fid-real", type=int, default=None,
+                           help=f"real test images for FID, 0 for no FID ({_defaults('fid_real')})")
+    diffusion.add_argument("--diffusion-repeats", type=int, default=None,
+                           help=f"interleaved timing rounds ({_defaults('diffusion_repeats')})")
     diffusion.add_argument("--out", default="accel-bench", help="folder for the image grids (default accel-bench/)")
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="versions and available methods")
@@ -194,13 +294,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset from the run's profile (QUICK, FULL, or TIMM for a timm model)."""
+    profile = FULL if args.full else QUICK
+    if args.model not in (DEFAULT_MODEL, BUILT_IN_VIT) + BUILT_IN_DIFFUSION:
+        profile = {**QUICK, **TIMM}
+    for key, value in profile.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def _check(args: argparse.Namespace, timm_model: bool) -> Optional[str]:
+    """What is wrong with the options, in words, or None."""
+    minimum = dict(batch=1, repeats=1, eval_images=1, steps=1, per_class=1, fid_real=0, diffusion_repeats=1)
+    for option, low in minimum.items():
+        if getattr(args, option) < low:
+            return f"--{option.replace('_', '-')} must be >= {low}; got {getattr(args, option)}"
+    if timm_model:
+        import timm
+
+        if args.full:
+            return "--full is for the built-in models; drop --model or --full"
+        if not timm.is_model(args.model):
+            return (f"--model: {args.model!r} is neither built in ({', '.join((BUILT_IN_VIT,) + BUILT_IN_DIFFUSION)}) "
+                    f"nor a timm model name (see timm.list_models())")
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    for option in ("batch", "repeats", "steps", "per_class", "fid_real", "diffusion_repeats"):
-        if getattr(args, option, 1) < 1:
-            print(f"accel: --{option.replace('_', '-')} must be >= 1", file=sys.stderr)
+    if args.command == "bench":
+        _resolve(args)
+        problem = _check(args, args.model not in (DEFAULT_MODEL, BUILT_IN_VIT) + BUILT_IN_DIFFUSION)
+        if problem:
+            print(f"accel bench: {problem}", file=sys.stderr)
             return 2
     return args.func(args)
 
