@@ -14,6 +14,7 @@ __all__ = ["main", "diffusion_variants", "QUICK", "FULL", "TIMM"]
 BUILT_IN_VIT = "fashion-vit"
 BUILT_IN_DIFFUSION = ("fashion-sd", "fashion-dit")
 DEFAULT_MODEL = "built-in"  # the built-in models, one table each
+PACKAGES = ("timm", "diffusers", "transformers")  # whose versions a report names
 
 # Settings of the built-in run. The quick run (the default, what `make run` runs) keeps the settings
 # where the methods pay: ToMe r=2..4 (under 1.1 points of accuracy), the shipped early-exit heads and
@@ -31,7 +32,7 @@ TIMM = dict(batch=64, r=[8, 16], repeats=5)  # 197 tokens, 12 blocks
 
 # Seconds on the idle 2-core CPU (docs/benchmarks.md, accel_bench), for the estimate printed first:
 # start-up, one fashion-vit image at batch 256, one generated 28x28 image at 20 steps, one FID image.
-_COST = dict(start=4.0, vit_image=2.3e-3, generate={"fashion-sd": 0.12, "fashion-dit": 0.075}, fid_image=0.12)
+_COST = dict(start=10.0, vit_image=2.3e-3, generate={"fashion-sd": 0.12, "fashion-dit": 0.075}, fid_image=0.12)
 # Cost of a setting relative to the unpatched model, as measured; unknown settings count as 1.
 _RELATIVE = {"deepcache 3": 0.5, "deepcache 5": 0.36, "tome 0.5 + deepcache 3": 0.52, "tome 0.5": 1.1,
              "tome downsample 2x (ToDo)": 1.05, "early exit": 0.25, "avit": 0.5}
@@ -219,7 +220,7 @@ def _bench(args: argparse.Namespace) -> int:
         # The quick run and --full keep their own sections, so that the docs show both.
         section = "accel_bench_full" if args.full else "accel_bench"
         replace_section(Path(args.report), section, (
-            f"Measured {datetime.date.today().isoformat()} on {machine_description()}; load average "
+            f"Measured {datetime.date.today().isoformat()} on {machine_description(*PACKAGES)}; load average "
             f"{load:.2f} at the start. Command: `{command}` (the whole run: {minutes:.1f} minutes)\n\n"
             + "\n\n".join(tables)))
         print(f"wrote the tables to {args.report} (section {section})")
