@@ -108,8 +108,8 @@ def _bench_vit(args: argparse.Namespace) -> str:
 
         images, labels = load_test_subset()
         n = min(args.eval_images, len(images))
-        model, inputs, check, labels = load(BUILT_IN_VIT), preprocess(images[: args.batch]), preprocess(images[:n]), \
-            labels[:n]
+        model, labels = load(BUILT_IN_VIT), labels[:n]
+        inputs, check = preprocess(images[: args.batch]), preprocess(images[:n])
         print(f"model: {BUILT_IN_VIT} (built-in timm ViT trained on Fashion-MNIST; accuracy on {n} images of the "
               f"shipped test subset; early exit with its shipped calibrated heads, A-ViT with fashion-vit-avit, "
               f"its fine-tune for halting)")
@@ -192,7 +192,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .eval.progress import duration
 
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started, load_average = time.perf_counter(), os.getloadavg()[0]
     diffusers_logging.disable_progress_bar()  # loading bars would interleave with the tables
     transformers_logging.disable_progress_bar()
     if args.model == DEFAULT_MODEL:
@@ -221,7 +221,7 @@ def _bench(args: argparse.Namespace) -> int:
         section = "accel_bench_full" if args.full else "accel_bench"
         replace_section(Path(args.report), section, (
             f"Measured {datetime.date.today().isoformat()} on {machine_description(*PACKAGES)}; load average "
-            f"{load:.2f} at the start. Command: `{command}` (the whole run: {minutes:.1f} minutes)\n\n"
+            f"{load_average:.2f} at the start. Command: `{command}` (the whole run: {minutes:.1f} minutes)\n\n"
             + "\n\n".join(tables)))
         print(f"wrote the tables to {args.report} (section {section})")
     return 0
