@@ -18,7 +18,7 @@ VIT_METHODS = ["tome", "evit", "token_exit", "avit", "early_exit"]
 
 def vit_setting(method, x):
     """A setting of ``method`` that really changes the computation of ``make_vit()`` on ``x``."""
-    model = make_vit()
+    model = make_vit().requires_grad_(False)
     if method == "token_exit":
         return accel.TokenExit(threshold=median_first_update(model, x))
     if method == "avit":
