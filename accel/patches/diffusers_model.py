@@ -14,9 +14,13 @@ from ..families import is_diffusers_pipeline, is_loaded_instance, qualified_name
 from .base import MethodPatch
 from .steps import call_counting_steps
 
-__all__ = ["DiffusersPatch", "attend_to"]
+__all__ = ["DiffusersPatch", "attend_to", "UNET", "PIXART", "DIT"]
 
 _DENOISER_ATTRS = ("unet", "transformer")
+# The denoisers the adapters serve, as (module, class name): checked without importing diffusers.
+UNET = ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel")
+PIXART = ("diffusers.models.transformers.pixart_transformer_2d", "PixArtTransformer2DModel")
+DIT = ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel")
 
 
 def attend_to(attn: Any, call: Any, hidden_states: Any, context: Any, **kwargs: Any) -> Any:

@@ -21,7 +21,7 @@ import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...families import qualified_name
-from ..diffusers_model import DiffusersPatch
+from ..diffusers_model import UNET, DiffusersPatch
 from .config import DeepCache
 
 __all__ = ["DeepCacheUNet", "DeepCacheState"]
@@ -109,7 +109,7 @@ class DeepCacheState:
 class DeepCacheUNet(DiffusersPatch):
     method = "deepcache"
     SUPPORTED = "diffusers UNet2DConditionModel pipelines (SD 1.x/2.x, SDXL; text-to-image, img2img, inpaint, ControlNet)"
-    MODELS = (("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),)
+    MODELS = (UNET,)
 
     def __init__(self, obj: Any, config: DeepCache) -> None:
         super().__init__(obj, config)

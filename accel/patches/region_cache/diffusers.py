@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..diffusers_model import DiffusersPatch, attend_to
+from ..diffusers_model import DIT, PIXART, DiffusersPatch, attend_to
 from .config import RegionCache
 from .regions import pixel_mask, region_ids, select_tokens, token_mask, token_scores
 
@@ -96,10 +96,7 @@ class RegionCacheDiT(DiffusersPatch):
     method = "region_cache"
     SUPPORTED = ("diffusers DiTTransformer2DModel and PixArtTransformer2DModel, bare or as the transformer of a "
                  "pipeline (DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline)")
-    MODELS = (
-        ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel"),
-        ("diffusers.models.transformers.pixart_transformer_2d", "PixArtTransformer2DModel"),
-    )
+    MODELS = (DIT, PIXART)
 
     def __init__(self, obj: Any, config: RegionCache) -> None:
         super().__init__(obj, config)

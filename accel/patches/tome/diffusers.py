@@ -22,13 +22,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ...families import is_loaded_instance
-from ..diffusers_model import DiffusersPatch, attend_to
+from ..diffusers_model import DIT, PIXART, UNET, DiffusersPatch, attend_to
 from .config import ToMe
 from .merge2d import bipartite_soft_matching_random2d, downsample_tokens
 
 __all__ = ["ToMeDiffusers", "ToMeDiffusionState"]
 
-_UNET = ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel")
 _NORM_TYPES = ("layer_norm", "ada_norm", "ada_norm_zero", "ada_norm_single")
 _BLOCK_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
                "cross_attention_kwargs", "class_labels", "added_cond_kwargs")
@@ -116,11 +115,7 @@ class _Ops:
 class ToMeDiffusers(DiffusersPatch):
     method = "tome"
     SUPPORTED = "diffusers pipelines with a UNet2DConditionModel, PixArtTransformer2DModel or DiTTransformer2DModel"
-    MODELS = (
-        _UNET,
-        ("diffusers.models.transformers.pixart_transformer_2d", "PixArtTransformer2DModel"),
-        ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel"),
-    )
+    MODELS = (UNET, PIXART, DIT)
 
     def __init__(self, obj: Any, config: ToMe) -> None:
         super().__init__(obj, config)
@@ -129,7 +124,7 @@ class ToMeDiffusers(DiffusersPatch):
         model, prefix = self.model, self.prefix
         name = type(model).__name__
         config.check_for_diffusion(name)
-        is_unet = is_loaded_instance(model, *_UNET)
+        is_unet = is_loaded_instance(model, *UNET)
         self.patch_size = 1 if is_unet else int(model.config.patch_size or 1)
         levels = self._unet_levels(model) if is_unet else {id(m): 1 for m in model.modules()}
         self.skipped: Dict[str, str] = {}
