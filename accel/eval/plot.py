@@ -1,67 +1,125 @@
-"""Plots as standalone SVG text: no plotting library needed, and the files render on GitHub."""
+"""Report plots as PNG files, drawn with matplotlib (the ``eval`` extra).
+
+Each function builds its own ``Figure`` on an Agg canvas: no pyplot, so no global figure state and
+no display is needed (servers, CI, threads). matplotlib is imported inside the functions so that
+``import accel`` stays fast.
+"""
 from __future__ import annotations
 
-import math
-from html import escape
-from typing import Dict, List, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["scatter_svg"]
+__all__ = ["pareto_front", "front_rows", "tradeoff_plot", "line_plot", "DPI", "FIGSIZE"]
 
-# Colour-blind-safe palette (Okabe & Ito).
+# Colour-blind-safe palette (Okabe & Ito): black, orange, sky blue, bluish green, vermillion,
+# blue, reddish purple, yellow.
 PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
+FIGSIZE = (6.4, 4.2)  # inches; at DPI a PNG of 768 x 504 pixels
+DPI = 120
+
+PathLike = Union[str, Path]
 
 
-def _ticks(low: float, high: float, count: int = 5) -> List[float]:
-    """Round tick values covering [low, high]."""
-    span = high - low or abs(high) or 1.0
-    raw = span / count
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
-    first = math.ceil(low / step) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+def pareto_front(xs: Sequence[float], ys: Sequence[float], *,
+                 maximize: Tuple[bool, bool] = (True, True)) -> List[int]:
+    """Indices of the non-dominated points, sorted by x (then index).
+
+    A point is dominated when another is at least as good in both coordinates and strictly better
+    in one; equal points do not dominate each other, so duplicates on the front are all kept.
+    ``maximize`` says per coordinate whether higher is better (speedup: yes; FID: no).
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"pareto_front: xs and ys differ in length ({len(xs)} != {len(ys)})")
+    # Flip signs so that higher is better in both; O(n^2) is fine for a report's tens of rows.
+    px = [x if maximize[0] else -x for x in xs]
+    py = [y if maximize[1] else -y for y in ys]
+
+    def dominated(i: int) -> bool:
+        return any(px[j] >= px[i] and py[j] >= py[i] and (px[j] > px[i] or py[j] > py[i])
+                   for j in range(len(px)))
+
+    return sorted((i for i in range(len(px)) if not dominated(i)), key=lambda i: (xs[i], i))
 
 
-def scatter_svg(series: Dict[str, Sequence[Tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-                width: int = 640, height: int = 420) -> str:
-    """Points joined by lines, one series per name (in the order given, each sorted by x)."""
-    points = [p for values in series.values() for p in values]
-    if not points:
-        raise ValueError("scatter_svg: no points to plot")
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    pad_x, pad_y = 0.05 * ((max(xs) - min(xs)) or 1.0), 0.05 * ((max(ys) - min(ys)) or 1.0)
-    x0, x1, y0, y1 = min(xs) - pad_x, max(xs) + pad_x, min(ys) - pad_y, max(ys) + pad_y
-    left, right, top, bottom = 70, 170, 40, 50
-    plot_w, plot_h = width - left - right, height - top - bottom
+def _has(row: Dict[str, Any], key: str) -> bool:
+    return row.get(key) is not None
 
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * plot_w
 
-    def sy(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * plot_h
+def front_rows(rows: Sequence[Dict[str, Any]], *, y: str, x: str = "speedup",
+               higher_is_better: bool = True) -> List[Dict[str, Any]]:
+    """The rows on the Pareto front of ``x`` (higher better) against ``y``, sorted by x; rows
+    missing either value (the unpatched baseline has no quality of its own) are left out."""
+    kept = [row for row in rows if _has(row, x) and _has(row, y)]
+    front = pareto_front([row[x] for row in kept], [row[y] for row in kept], maximize=(True, higher_is_better))
+    return [kept[i] for i in front]
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left + plot_w / 2}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>']
-    for x in _ticks(x0, x1):
-        out.append(f'<line x1="{sx(x):.1f}" y1="{top + plot_h}" x2="{sx(x):.1f}" y2="{top + plot_h + 5}" stroke="#444"/>')
-        out.append(f'<text x="{sx(x):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{x:g}</text>')
-    for y in _ticks(y0, y1):
-        out.append(f'<line x1="{left - 5}" y1="{sy(y):.1f}" x2="{left}" y2="{sy(y):.1f}" stroke="#444"/>')
-        out.append(f'<text x="{left - 8}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    out.append(f'<text x="{left + plot_w / 2}" y="{height - 10}" text-anchor="middle">{escape(xlabel)}</text>')
-    out.append(f'<text transform="translate(16 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
-               f'{escape(ylabel)}</text>')
-    for i, (name, values) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pts = sorted(values)
-        if len(pts) > 1:
-            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{colour}"/>' for x, y in pts]
-        ly = top + 14 + 18 * i
-        out.append(f'<circle cx="{left + plot_w + 16}" cy="{ly - 4}" r="4" fill="{colour}"/>')
-        out.append(f'<text x="{left + plot_w + 26}" y="{ly}">{escape(name)}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+
+def _new_axes() -> Tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # A fixed figure size (no bbox_inches="tight") keeps every PNG the same pixel size.
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Any, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def tradeoff_plot(rows: Sequence[Dict[str, Any]], path: PathLike, *, y: str, ylabel: str, title: str,
+                  x: str = "speedup", xlabel: str = "speedup over unpatched (x)", higher_is_better: bool = True,
+                  label: str = "settings", interval: Optional[Tuple[str, str]] = None) -> Path:
+    """Quality ``row[y]`` against ``row[x]`` as a PNG at ``path``: one point per row, annotated with
+    ``row[label]``, the Pareto front drawn as a staircase with its points ringed, a dotted line at
+    x = 1 (the unpatched model). ``interval=(low_key, high_key)`` adds vertical error bars (a FID
+    confidence interval). Rows without a y (the unpatched baseline) are skipped."""
+    kept = [row for row in rows if _has(row, x) and _has(row, y)]
+    if not kept:
+        raise ValueError(f"tradeoff_plot: no row has both {x!r} and y={y!r}")
+    xs, ys = [float(row[x]) for row in kept], [float(row[y]) for row in kept]
+    fig, ax = _new_axes()
+    ax.axvline(1.0, color=PALETTE[0], linestyle=":", linewidth=1, label="unpatched")
+    if interval is not None:
+        low, high = interval
+        bars = [(i, row) for i, row in enumerate(kept) if _has(row, low) and _has(row, high)]
+        if bars:
+            # A percentile bootstrap interval need not contain the point estimate; matplotlib refuses
+            # negative error lengths, so such a side is drawn as zero.
+            ax.errorbar([xs[i] for i, _ in bars], [ys[i] for i, _ in bars],
+                        yerr=[[max(0.0, ys[i] - row[low]) for i, row in bars],
+                              [max(0.0, row[high] - ys[i]) for i, row in bars]],
+                        fmt="none", ecolor=PALETTE[2], elinewidth=1, capsize=3)
+    ax.scatter(xs, ys, s=24, color=PALETTE[5], zorder=3)
+    for row, px, py in zip(kept, xs, ys):
+        ax.annotate(str(row.get(label, "")), (px, py), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    front = pareto_front(xs, ys, maximize=(True, higher_is_better))
+    # x is maximised, so the best quality reachable at speedup >= x over (x_i, x_i+1] is y_i+1: 'pre'.
+    # The markers sit on the points themselves (not the corners), so they ring the front's points.
+    ax.step([xs[i] for i in front], [ys[i] for i in front], where="pre", color=PALETTE[4], linewidth=1.5,
+            marker="o", markersize=10, markerfacecolor="none", markeredgewidth=1.5, label="Pareto front")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def line_plot(series: Dict[str, Sequence[Tuple[float, float]]], path: PathLike, *, title: str, xlabel: str,
+              ylabel: str) -> Path:
+    """Points ``(x, y)`` joined by lines as a PNG at ``path``: one series per name, in the order
+    given, each sorted by x, with a legend."""
+    if not any(len(points) for points in series.values()):
+        raise ValueError("line_plot: no points to plot")
+    fig, ax = _new_axes()
+    for i, (name, points) in enumerate(series.items()):
+        pts = sorted(points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, linewidth=1.5,
+                color=PALETTE[i % len(PALETTE)], label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
