@@ -6,13 +6,14 @@ ViT part: the trained ``fashion-vit`` (and its A-ViT fine-tune, ``fashion-vit-av
 Fashion-MNIST test split (10,000 images; the shipped 2,000-image subset when the split is not on
 this machine, said in the output). Throughput: every variant and the unpatched model classify the
 timing images in batches, interleaved in one process over several rounds (order rotated), medians.
-Accuracy: over the whole test split. Writes docs/bench_adaptive.json, docs/bench_adaptive.svg
+Accuracy: over the whole test split. Writes docs/bench_adaptive.json, docs/bench_adaptive.png
 (accuracy against throughput) and the ``bench_adaptive`` section of docs/benchmarks.md; with
 --device cuda the ViT part runs on the GPU and writes ``bench_adaptive_cuda`` (and its files).
 
     python scripts/bench_adaptive.py                    # the full run
     python scripts/bench_adaptive.py --device cuda --region-cache ""   # the ViT part on a GPU
     python scripts/bench_adaptive.py --limit 256 ...    # a smoke run (tests)
+    python scripts/bench_adaptive.py --plot-only docs/bench_adaptive.json   # redraw the PNG, no timing
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import accel  # noqa: E402
 from accel.eval.bench import accuracy, device_sync, patched_copy  # noqa: E402
-from accel.eval.plot import scatter_svg  # noqa: E402
+from accel.eval.plot import line_plot  # noqa: E402
 from accel.eval.report import (add_device_args, checked_device, device_section, format_table,  # noqa: E402
                                replace_section, run_meta)
 from accel.eval.timing import time_interleaved  # noqa: E402
@@ -175,13 +176,23 @@ DIT_COLUMNS = [("settings", "settings", ""), ("steps", "steps", ""), ("s_per_ima
                ("class_accuracy", "class accuracy", ".3f")]
 
 
-def plot(rows: List[Dict[str, Any]], where: str) -> str:
+def plot(rows: List[Dict[str, Any]], where: str, path: Path) -> Path:
+    """Accuracy against throughput, one line per method, as a PNG at ``path``."""
     series: Dict[str, List[Tuple[float, float]]] = {}
     for row in rows:
         series.setdefault(row["method"] if row["method"] != "-" else "unpatched", []).append(
             (row["items_s"], 100 * row["accuracy"]))
-    return scatter_svg(series, title="fashion-vit: accuracy against throughput", xlabel=f"images/s ({where})",
-                       ylabel="top-1 accuracy (%)")
+    return line_plot(series, path, title="fashion-vit: accuracy against throughput", xlabel=f"images/s ({where})",
+                     ylabel="top-1 accuracy (%)")
+
+
+def plot_only(record: Path) -> Path:
+    """Redraw the PNG beside a JSON record this script wrote, without measuring anything."""
+    data = json.loads(record.read_text())
+    # Records older than the "where" key: the machine description ("x86_64 CPU, 2 threads; ..." or
+    # "NVIDIA H100 80GB HBM3 (CUDA 13.0), x86_64 host; ...") up to the versions, or the GPU's name.
+    where = data.get("where") or data["meta"]["machine"].split(";")[0].split(" (CUDA")[0]
+    return plot(data["rows"], where, record.with_suffix(".png"))
 
 
 def main() -> None:
@@ -205,9 +216,14 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     parser.add_argument("--seed", type=int, default=0)
     add_device_args(parser, half=False, help="cpu or cuda (the ViT part; fp32 either way)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON, SVG and benchmarks.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the JSON, PNG and benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--plot-only", type=Path, metavar="JSON",
+                        help="redraw the PNG beside this JSON record (same name, .png) and measure nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        print(plot_only(args.plot_only))
+        return
     gpu = checked_device(parser, args)
     torch.manual_seed(args.seed)
 
@@ -224,16 +240,16 @@ def main() -> None:
     meta["weights"] = "the trained built-in models (assets/)"
     name = device_section("bench_adaptive", gpu)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(
-        {"meta": meta, "data": data_note, "rows": rows, "dit_rows": dit_rows}, indent=2) + "\n")
     where = torch.cuda.get_device_name(args.device) if gpu else f"{torch.get_num_threads()}-thread CPU"
-    (args.out / f"{name}.svg").write_text(plot(rows, where))
+    (args.out / f"{name}.json").write_text(json.dumps(
+        {"meta": meta, "data": data_note, "where": where, "rows": rows, "dit_rows": dit_rows}, indent=2) + "\n")
+    plot(rows, where, args.out / f"{name}.png")
     section = (
         f"Measured {meta['date']} on {meta['machine']}. fp32, trained weights; accuracy on {data_note}; "
         f"throughput on the first {timed} of them in "
         f"batches of {args.batch}, every variant interleaved with the unpatched model over {args.repeats} "
         f"rounds, medians.\n\nCommand: `{meta['command']}`\n\n{table}\n\n![accuracy against throughput]"
-        f"({name}.svg)\n"
+        f"({name}.png)\n"
     )
     if dit_rows:
         section += (

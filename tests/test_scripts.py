@@ -63,5 +63,12 @@ def test_bench_adaptive_runs_every_method_and_writes_table_and_plot(tmp_path):
     assert removal["accuracy"] == pytest.approx(masked["accuracy"], abs=1.5 / 64)  # same outputs, up to float ties
     assert [row["settings"] for row in data["dit_rows"]] == ["unpatched", "region_cache 0.5"]
     assert 0.0 < data["dit_rows"][1]["psnr"] <= 100.0
-    assert (tmp_path / "bench_adaptive.svg").read_text().startswith("<svg")
-    assert "<!-- bench_adaptive:start -->" in (tmp_path / "benchmarks.md").read_text()
+    png = tmp_path / "bench_adaptive.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and data["where"].endswith("-thread CPU")
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- bench_adaptive:start -->" in md and "(bench_adaptive.png)" in md
+    png.unlink()  # --plot-only redraws it from the JSON alone, beside the JSON
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_adaptive.py"), "--plot-only",
+           str(tmp_path / "bench_adaptive.json")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    assert png.read_bytes().startswith(b"\x89PNG")
