@@ -11,6 +11,8 @@ to [-1, 0.9921875] (``x / 128 - 1``); outputs are the 2048-d pool features.
     fid.update(real_uint8, real=True)       # [N, 1 or 3, H, W] uint8 (grey is repeated to RGB)
     fid.update(fake_uint8, real=False)
     fid.compute()
+
+    feats = inception_features(uint8_images)   # float64 [N, 2048], for accel.eval.quality's FID and its interval
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["inception_weights_path", "tf_bilinear_resize", "InceptionFeatures", "make_fid", "FidReference",
-           "frechet_inception_distance"]
+__all__ = ["inception_weights_path", "tf_bilinear_resize", "InceptionFeatures", "inception_features", "make_fid",
+           "FidReference", "frechet_inception_distance"]
 
 INPUT_SIZE = 299
 INPUT_RANGE = (-1.0, 0.9921875)
@@ -75,6 +77,29 @@ class InceptionFeatures(torch.nn.Module):
         x = (x * (INPUT_RANGE[1] - INPUT_RANGE[0]) + INPUT_RANGE[0]).clamp(*INPUT_RANGE)
         feats = self.net(x)
         return feats.flatten(2).mean(-1) if feats.ndim > 2 else feats
+
+
+def inception_features(images: torch.Tensor, *, features: Optional[InceptionFeatures] = None, batch: int = 100,
+                       progress: Optional[str] = None) -> torch.Tensor:
+    """Standard FID features of uint8 images ``[N, H, W]`` (grey) or ``[N, C, H, W]`` (C = 1 or 3):
+    float64 ``[N, 2048]`` (the Frechet distance takes differences of their sums of products), on the CPU,
+    computed ``batch`` images at a time; ``progress``: a label for a progress bar (stderr)."""
+    from .progress import progress_bar
+
+    if images.dtype != torch.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"images: expected uint8 [N, H, W] or [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    if batch < 1:
+        raise ValueError(f"batch: expected a positive int, got {batch!r}")
+    net = features if features is not None else InceptionFeatures()
+    images = images.unsqueeze(1) if images.ndim == 3 else images
+    out = [torch.zeros(0, InceptionFeatures.num_features, dtype=torch.float64)]
+    # Inception-v3 at 299x299 runs about 7 images/s on 2 CPU cores: a bar.
+    with progress_bar(progress, total=len(images), unit="image") as bar:
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            out.append(net(chunk).double().cpu())
+            bar.update(len(chunk))
+    return torch.cat(out)
 
 
 def make_fid(features: Optional[InceptionFeatures] = None, reset_real_features: bool = True):
