@@ -1,4 +1,4 @@
-"""Command line: ``accel bench`` (the main job) and ``accel info``."""
+"""Command line: ``accel bench`` (the main job), ``accel eval``, ``accel tune`` and ``accel info``."""
 from __future__ import annotations
 
 import argparse
@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"interleaved timing rounds ({_defaults('diffusion_repeats')})")
     diffusion.add_argument("--out", default="accel-bench", help="folder for the image grids (default accel-bench/)")
     bench.set_defaults(func=_bench)
+    from .eval.commands import add_eval_parser, add_tune_parser
+
+    add_eval_parser(sub)
+    add_tune_parser(sub)
     info = sub.add_parser("info", help="versions and available methods")
     info.set_defaults(func=_info)
     return parser

@@ -132,8 +132,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class FidEstimate:
-    """FID of n generated against m reference features, with a percentile bootstrap interval
-    ``[low, high]`` at ``level`` from ``resamples`` resamples."""
+    """FID of n generated against m reference features, with a bootstrap interval ``[low, high]`` at
+    ``level`` from ``resamples`` resamples, and the resamples' ``bias`` (their mean minus ``value``)
+    that the interval was re-centred by."""
 
     value: float
     low: float
@@ -142,6 +143,7 @@ class FidEstimate:
     resamples: int
     n: int
     m: int
+    bias: float = 0.0
 
 
 class _BootstrapGrams:
@@ -198,7 +200,11 @@ def fid_interval(a: torch.Tensor, b: torch.Tensor, *, resamples: int = 200, leve
     Each resample draws n rows of ``a`` with replacement (and m of ``b`` when ``resample_b``; pass False
     when ``b`` is a fixed reference, e.g. a large real set) from ``torch.Generator().manual_seed(seed)``:
     ``randint(n, (resamples, n))`` first, then ``randint(m, (resamples, m))``. ``low``/``high`` are the
-    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled FIDs (linear interpolation).
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled FIDs (linear interpolation),
+    shifted by the resamples' bias (mean minus ``value``): a resample repeats rows, about a third of
+    them, and FID's small-sample bias grows as the distinct rows shrink, so the raw quantiles of 100
+    images lay wholly above the estimate (n = m = 100: 315.6 against [330.5, 335.4]). Re-centred,
+    the interval shows the estimate's spread at this n.
     Cost: Gram matrices once, then an SVD of n x m (n x min(m, d) for a fixed b) per resample: 200
     resamples of n = m = 100, d = 2048 take 0.1 s on 2 CPU cores (0.4 s with one of them busy).
     """
@@ -221,4 +227,6 @@ def fid_interval(a: torch.Tensor, b: torch.Tensor, *, resamples: int = 200, leve
                         for s in range(0, resamples, chunk)])
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=values.dtype, device=values.device)
     low, high = torch.quantile(values, q).tolist()
-    return FidEstimate(value=value, low=low, high=high, level=level, resamples=resamples, n=n, m=m)
+    bias = values.mean().item() - value
+    return FidEstimate(value=value, low=low - bias, high=high - bias, level=level, resamples=resamples, n=n, m=m,
+                       bias=bias)

@@ -57,6 +57,12 @@ class MethodPatch:
     def _install(self) -> None:
         raise NotImplementedError
 
+    @classmethod
+    def tune_values(cls, obj: Any) -> Tuple[Any, ...]:
+        """The shorthand values ``accel tune`` tries on ``obj``, mildest first; empty when the method
+        needs something trained first (exit heads, a halting fine-tune) and so cannot be searched."""
+        return ()
+
     def last_call(self) -> Optional[Dict[str, Any]]:
         """What the method did in the most recent call, or None before the first call."""
         return None

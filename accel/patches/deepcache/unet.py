@@ -111,6 +111,10 @@ class DeepCacheUNet(DiffusersPatch):
     SUPPORTED = "diffusers UNet2DConditionModel pipelines (SD 1.x/2.x, SDXL; text-to-image, img2img, inpaint, ControlNet)"
     MODELS = (UNET,)
 
+    @classmethod
+    def tune_values(cls, obj: Any) -> Tuple[Any, ...]:
+        return (2, 3, 4, 5)  # full-UNet intervals; the DeepCache paper's SD 1.5 runs use 2-5
+
     def __init__(self, obj: Any, config: DeepCache) -> None:
         super().__init__(obj, config)
         unet = self.unet = self.model

@@ -14,7 +14,7 @@ shapes stay static (no host sync).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,10 @@ class EViTTimm(TimmViTPatch):
         "timm VisionTransformer models with a class token and token pooling (ViT, DeiT, distilled DeiT, "
         "DeiT-3, register-token variants) built from timm's Block/ResPostBlock and Attention"
     )
+
+    @classmethod
+    def tune_values(cls, obj: Any) -> Tuple[Any, ...]:
+        return (0.9, 0.7, 0.5)  # keep rates; the EViT paper's DeiT-S runs use 0.5-0.9
 
     def __init__(self, model: Any, config: EViT) -> None:
         super().__init__(model, config)

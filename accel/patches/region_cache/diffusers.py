@@ -98,6 +98,10 @@ class RegionCacheDiT(DiffusersPatch):
                  "pipeline (DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline)")
     MODELS = (DIT, PIXART)
 
+    @classmethod
+    def tune_values(cls, obj: Any) -> Tuple[Any, ...]:
+        return (0.75, 0.5, 0.25)  # fractions of the tokens recomputed on a cached step
+
     def __init__(self, obj: Any, config: RegionCache) -> None:
         super().__init__(obj, config)
         from diffusers.models.attention import BasicTransformerBlock

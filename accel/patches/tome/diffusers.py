@@ -117,6 +117,10 @@ class ToMeDiffusers(DiffusersPatch):
     SUPPORTED = "diffusers pipelines with a UNet2DConditionModel, PixArtTransformer2DModel or DiTTransformer2DModel"
     MODELS = (UNET, PIXART, DIT)
 
+    @classmethod
+    def tune_values(cls, obj: Any) -> Tuple[Any, ...]:
+        return (0.25, 0.5, 0.75)  # merge ratios; tomesd's README measures 0.1-0.75, 0.5 its default
+
     def __init__(self, obj: Any, config: ToMe) -> None:
         super().__init__(obj, config)
         from diffusers.models.attention import BasicTransformerBlock

@@ -71,6 +71,13 @@ class ToMeTimm(TimmViTPatch):
         config.check_for_vit()
         self.schedule = config.per_block_r(len(self.blocks))
 
+    @classmethod
+    def tune_values(cls, obj: Any) -> Tuple[Any, ...]:
+        """r at a quarter, half, three quarters and all of patches/depth: ViT-B/16 (196 patches, 12
+        blocks) gets 4, 8, 12, 16, the range of the ToMe paper's Fig. 4."""
+        per_block = obj.patch_embed.num_patches / len(obj.blocks)
+        return tuple(sorted({max(1, round(f * per_block)) for f in (0.25, 0.5, 0.75, 1.0)}))
+
     # -- installation ---------------------------------------------------------------------------
     def _install(self) -> None:
         self.state = ToMeState()
