@@ -55,6 +55,7 @@ def add_eval_parser(sub: Any) -> None:
                              '(\'{"tome": {"mode": "downsample"}}\'); the unpatched model is always included')
     parser.add_argument("--out", default="accel-eval", help="report folder (default accel-eval/)")
     parser.add_argument("--grid-rows", type=int, default=8, help="prompts shown in grid.png (default 8)")
+    parser.add_argument("--save-images", action="store_true", help="also write every image to images.pt")
     parser.set_defaults(func=run_eval)
 
 
@@ -126,9 +127,9 @@ def run_eval(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         return _fail("eval", str(error))
     record = _evaluate(args, shard, subject, judges, settings, args.seed, subject.images, subject.labels)
-    if record is None:
-        return 0  # not the main process: the main one writes the report
-    paths = write_report(record, Path(args.out), grid_rows=args.grid_rows)
+    if not shard.is_main:
+        return 0  # the main process writes the report
+    paths = write_report(record, Path(args.out), grid_rows=args.grid_rows, save_images=args.save_images)
     print(table(record, style="text"))
     print("\n".join(f"wrote {path}" for path in paths.values()))
     return 0
@@ -165,7 +166,7 @@ def run_tune(args: argparse.Namespace) -> int:
             record = _evaluate(args, shard, subject, judges, chosen, args.seed, subject.images[cut],
                                subject.labels[cut])
         reports[part] = record
-        return record["rows"] if record is not None else []
+        return record["rows"]
 
     context = {"model": args.model, "checkpoint": args.checkpoint, "prompts": subject.prompts, "seed": args.seed,
                "steps": args.steps, "guidance": args.guidance, "batch": args.batch, "calibration": n,

@@ -89,10 +89,12 @@ def _describe(record: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(record: Dict[str, Any], folder: Path, *, grid_rows: int = 8) -> Dict[str, Path]:
+def write_report(record: Dict[str, Any], folder: Path, *, grid_rows: int = 8, save_images: bool = False
+                 ) -> Dict[str, Path]:
     """Write ``report.json`` (the record without the images), ``report.md``, the plots (drawn from
     the JSON as written) and, for generators, ``grid.png`` (rows: the first ``grid_rows`` prompts,
-    columns: settings). Returns {kind: path}."""
+    columns: settings) and with ``save_images`` ``images.pt`` (``{label: uint8 [N, ...]}``, for
+    ``torch.load``). Returns {kind: path}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     saved = {k: v for k, v in record.items() if k != "images"}
@@ -110,4 +112,9 @@ def write_report(record: Dict[str, Any], folder: Path, *, grid_rows: int = 8) ->
         labels = [f"{p['prompt']} (seed {p['seed']})" for p in saved["per_image"][:n]]
         paths["grid"] = labelled_grid({label: out[:n] for label, out in images.items()}, folder / "grid.png",
                                       row_labels=labels)
+        if save_images:
+            import torch
+
+            paths["images"] = folder / "images.pt"
+            torch.save(images, paths["images"])
     return paths
