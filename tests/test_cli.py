@@ -1,9 +1,11 @@
+import json
 import re
 import time
 
 import pytest
 
 from accel.cli import FULL, QUICK, _resolve, build_parser, estimate_seconds, main
+from accel.pipelines import FASHION_CLASSES
 
 TINY_DIFFUSION = ["--steps", "1", "--per-class", "1", "--diffusion-repeats", "1"]
 
@@ -84,7 +86,8 @@ def test_default_bench_shows_the_settings_that_pay(capsys, tmp_path):
                                         ["deepcache", "deepcache", "5"]]
     assert "FID" not in sd_header and "CLIP score" in sd_header  # FID only with --full or --fid-real
     assert "model: fashion-sd" in out and "fashion-dit" not in out
-    assert (tmp_path / "fashion-sd-grid.png").exists() and not (tmp_path / "fashion-dit-grid.png").exists()
+    assert (tmp_path / "fashion-sd" / "grid.png").exists() and not (tmp_path / "fashion-dit").exists()
+    assert (tmp_path / "fashion-vit" / "report.json").exists()  # accel bench is accel eval's code path
 
 
 def test_full_bench_keeps_every_setting_fid_and_fashion_dit(capsys, tmp_path):
@@ -100,7 +103,7 @@ def test_full_bench_keeps_every_setting_fid_and_fashion_dit(capsys, tmp_path):
     assert "FID" not in sd_header and "CLIP score" in dit_header
     assert [row[0] for row in dit] == ["fashion-dit"] * 3 and dit[1][2:4] == ["tome", "0.5"]
     assert "tome+deepcache" in [row[1] for row in sd] and len(sd) == 5
-    assert (tmp_path / "fashion-dit-grid.png").exists()
+    assert (tmp_path / "fashion-dit" / "grid.png").exists()
 
 
 @pytest.mark.parametrize("cpu_share, warned", [(0.25, True), (100.0, False)])
@@ -132,5 +135,11 @@ def test_bench_on_a_built_in_diffusion_pipeline_reports_quality_and_writes_a_gri
     assert [row[3] for row in rows[1:]] == ["3", "5"]  # the quick run's DeepCache settings
     fid, clip, accuracy = map(float, rows[0][-3:])
     assert fid > 0 and clip > 0 and 0 <= accuracy <= 1
-    grid = Image.open(tmp_path / "fashion-sd-grid.png")
-    assert grid.size == (10 * 28 * 2, len(rows) * 28 * 2)
+    from accel.eval.grid import LEFT_MARGIN, TOP_MARGIN
+
+    grid = Image.open(tmp_path / "fashion-sd" / "grid.png")  # a column per setting, a row per class
+    assert grid.size == (LEFT_MARGIN + len(rows) * 28 * 2, TOP_MARGIN + 10 * 28 * 2)
+    report = json.loads((tmp_path / "fashion-sd" / "report.json").read_text())
+    assert [p["prompt"] for p in report["per_image"]] == [f"a photo of a {c}" for c in FASHION_CLASSES]
+    fid = report["rows"][1]["fid_vs_unpatched"]
+    assert fid["low"] <= fid["value"] <= fid["high"] and report["rows"][0]["fid_vs_reference"]["value"] > 0

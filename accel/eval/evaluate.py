@@ -107,8 +107,9 @@ def _timing(timings: Dict[str, Timing], rank: int, items: int) -> Dict[str, Any]
             "speedup": {k: t.speedup_over(base) for k, t in timings.items()}}
 
 
-def _default_timer(repeats: int, warmup: int, label: Optional[str], sync: Optional[Callable[[], Any]]) -> Timer:
-    return lambda calls: time_interleaved(calls, repeats=repeats, warmup=warmup, sync=sync, progress=label)
+def _default_timer(repeats: int, warmup: int, label: Optional[str], sync: Optional[Callable[[], Any]],
+                   log: Optional[Callable[[str], Any]]) -> Timer:
+    return lambda calls: time_interleaved(calls, repeats=repeats, warmup=warmup, sync=sync, progress=label, log=log)
 
 
 def evaluate(model: Any, settings: Sequence[Any], *, prompts: Optional[Sequence[str]] = None,
@@ -116,14 +117,16 @@ def evaluate(model: Any, settings: Sequence[Any], *, prompts: Optional[Sequence[
              steps: int = 20, guidance: Optional[float] = None, batch: int = 8, repeats: int = 3, warmup: int = 1,
              judges: Optional[Judges] = None, postprocess: Callable[[torch.Tensor], torch.Tensor] = to_uint8,
              shard: Optional[Shard] = None, timer: Optional[Timer] = None, progress: Optional[str] = None,
-             name: Optional[str] = None) -> Optional[Dict[str, Any]]:
+             log: Optional[Callable[[str], Any]] = None, name: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate ``settings`` (shorthand, JSON, dicts or ``Setting``s; the unpatched baseline is added)
     on a diffusers pipeline with ``prompts``, or on a classifier with ``images`` ``[N, C, H, W]``
     (preprocessed) and optional ``labels [N]``. Returns the record ``{"meta", "rows", "per_image",
     "images"}``, scored once on the main process and shared with the others; the generated images,
     ``{label: uint8 [N, ...]}``, only on the main process (None elsewhere; ``outputs.write_report``
     writes them).
-    ``timer``: replaces the interleaved timing (``{label: call} -> {label: Timing}``), for tests."""
+    ``timer``: replaces the interleaved timing (``{label: call} -> {label: Timing}``), for tests.
+    ``progress``: a label for progress bars on stderr; ``log`` (e.g. ``print``) is told how long the
+    timing will take."""
     from ..families import is_diffusers_pipeline
 
     shard = shard or Shard()
@@ -141,7 +144,7 @@ def evaluate(model: Any, settings: Sequence[Any], *, prompts: Optional[Sequence[
     work = batches(count, batch)
     mine = shard.mine(work)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    timer = timer or _default_timer(repeats, warmup, f"{progress}: timing" if progress else None, sync)
+    timer = timer or _default_timer(repeats, warmup, f"{progress}: timing" if progress else None, sync, log)
 
     if generator:
         def run(label: str, index: range) -> torch.Tensor:

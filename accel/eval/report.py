@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-__all__ = ["Column", "BENCH_COLUMNS", "ACCURACY_COLUMNS", "format_table", "replace_section", "machine_description",
+__all__ = ["Column", "BENCH_COLUMNS", "ACCURACY_COLUMNS", "DIFFUSION_COLUMNS", "format_table", "replace_section", "machine_description",
            "run_meta", "add_device_args", "checked_device", "device_section"]
 
 Column = Tuple[str, str, str]  # (key in the row dict, header, format spec)
@@ -26,6 +26,21 @@ BENCH_COLUMNS: List[Column] = [
 ACCURACY_COLUMNS: List[Column] = BENCH_COLUMNS + [
     ("baseline_accuracy", "baseline accuracy", ".4f"),
     ("accuracy", "patched accuracy", ".4f"),
+]
+
+# `accel bench` on a built-in pipeline: quality against the unpatched images, the real images and the prompts.
+DIFFUSION_COLUMNS: List[Column] = [
+    ("model", "model", ""),
+    ("method", "method", ""),
+    ("settings", "settings", ""),
+    ("steps", "steps", ""),
+    ("s_per_image", "s/image", ".3f"),
+    ("speedup", "speedup", ".2f"),
+    ("psnr", "PSNR vs unpatched (dB)", ".1f"),
+    ("ssim", "SSIM vs unpatched", ".3f"),
+    ("fid", "FID", ".1f"),
+    ("clip_score", "CLIP score", ".2f"),
+    ("class_accuracy", "class accuracy", ".3f"),
 ]
 
 
