@@ -73,8 +73,8 @@ def _check(methods: Dict[str, Any], text: str) -> Dict[str, Any]:
     for name, value in methods.items():
         try:
             registry.get_method(name, caller="eval").coerce(value)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"setting {text!r}: {error}") from None
+        except (TypeError, ValueError, OSError) as error:  # OSError: a shorthand path that does not load
+            raise (ValueError if isinstance(error, OSError) else type(error))(f"setting {text!r}: {error}") from None
     return methods
 
 
