@@ -95,7 +95,7 @@ def _show(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str, str]
 
 def _evaluated(args: argparse.Namespace, name: str, model: Any, settings: List[Any], **data: Any) -> Dict[str, Any]:
     """``accel eval``'s code path on one built-in or timm model; its report goes to ``--out/<name>``."""
-    from .eval.evaluate import evaluate
+    from .eval.evaluation import evaluate
     from .eval.outputs import write_report
     from .eval.progress import say
 
@@ -154,7 +154,7 @@ def _diffusion_judges(args: argparse.Namespace) -> Any:
     """What scores generated images, loaded once for every pipeline: the classifier, the CLIP
     scorer and (with ``--fid-real``) the Inception features and the real test images."""
     from .eval.clip_score import ClipScorer
-    from .eval.evaluate import Judges
+    from .eval.evaluation import Judges
     from .pipelines import load, load_test_subset
     from .pipelines.fashion_vit import preprocess
 

@@ -154,7 +154,7 @@ def bench_dit(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """fashion-dit under RegionCache: s/image, speedup, PSNR against the unpatched images and the
     fraction fashion-vit labels as the requested class (``accel.eval.evaluate``, one image of each
     class per timed call, prompt i drawn with seed ``--seed`` + i)."""
-    from accel.eval.evaluate import Judges, evaluate
+    from accel.eval.evaluation import Judges, evaluate
     from accel.eval.spec import Setting
     from accel.pipelines import FASHION_CLASSES, load
     from accel.pipelines.fashion_sd import from_vae_range

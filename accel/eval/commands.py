@@ -106,7 +106,7 @@ def _prepare(args: argparse.Namespace, command: str):
 
 def _evaluate(args: argparse.Namespace, shard: Any, subject: Any, judges: Any, settings: List[Any],
               seed: int, images: Any = None, labels: Any = None) -> Any:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     options: Dict[str, Any] = dict(batch=args.batch, repeats=args.repeats, shard=shard, name=subject.name,
                                    progress=subject.name)
@@ -138,17 +138,16 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_tune(args: argparse.Namespace) -> int:
     from .outputs import write_report
     from .progress import say
-    from .tune import Budget, NoSettingMeetsBudget, candidates, tune
+    from .tuning import Budget, NoSettingMeetsBudget, candidates, tune
 
-    metric = next(m for m in ("psnr", "ssim", "clip_score", "accuracy_drop")
-                  if getattr(args, f"{'max' if m == 'accuracy_drop' else 'min'}_{m}") is not None)
-    bound = getattr(args, f"{'max' if metric == 'accuracy_drop' else 'min'}_{metric}")
+    option = next(o for o in ("min_psnr", "min_ssim", "min_clip_score", "max_accuracy_drop")
+                  if getattr(args, o) is not None)
+    metric, bound = option[4:], getattr(args, option)
     try:
         budget = Budget(metric, bound)
         shard, subject, judges = _prepare(args, "tune")
         if (metric == "accuracy_drop") != (subject.kind == "classifier"):
-            raise ValueError(f"--{'max-accuracy-drop' if metric == 'accuracy_drop' else metric} does not apply "
-                             f"to a {subject.kind}")
+            raise ValueError(f"--{option.replace('_', '-')} does not apply to a {subject.kind}")
         settings = candidates(subject.model, args.methods, compose=not args.no_compose)
     except (ValueError, TypeError) as error:
         return _fail("tune", str(error))

@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from .evaluate import Judges, to_uint8
+from .evaluation import Judges, to_uint8
 
 __all__ = ["Subject", "load_subject", "read_prompts", "read_image_folder", "make_judges", "BUILT_IN_EVAL"]
 
@@ -93,16 +93,16 @@ def load_subject(model: str, *, prompts: Optional[str] = None, per_class: int = 
     """The ``Subject`` for ``--model`` (see the module docstring); ``ValueError`` saying what is wrong."""
     from ..pipelines import FASHION_CLASSES, load, load_test_subset, prompt_for
 
+    text = read_prompts(prompts) if prompts else None  # a bad prompt file fails before any model loads
     if model in ("fashion-sd", "fashion-dit"):
         from ..pipelines.fashion_sd import from_vae_range
 
-        classes = torch.arange(len(FASHION_CLASSES)).repeat_interleave(per_class)
-        text = ([prompt_for(int(c)) for c in classes] if model == "fashion-sd"
-                else [FASHION_CLASSES[int(c)] for c in classes])
-        subject = Subject(model, load(model), "generator", text, classes, guidance=3.0,
-                          postprocess=lambda x: from_vae_range(x * 2 - 1), built_in=True)
-        if prompts:
-            subject.prompts, subject.labels = read_prompts(prompts), None
+        classes = torch.arange(len(FASHION_CLASSES)).repeat(per_class)  # tiled: a batch of 10 has every class
+        subject = Subject(model, load(model), "generator", [prompt_for(int(c)) if model == "fashion-sd"
+                                                            else FASHION_CLASSES[int(c)] for c in classes],
+                          classes, guidance=3.0, postprocess=lambda x: from_vae_range(x * 2 - 1), built_in=True)
+        if text:
+            subject.prompts, subject.labels = text, None
         return subject
     if model == "fashion-vit":
         from ..pipelines.fashion_vit import preprocess
@@ -120,8 +120,6 @@ def load_subject(model: str, *, prompts: Optional[str] = None, per_class: int = 
         x, y = _classifier_folder(net, images, limit)
         return Subject(model if checkpoint is None else f"{model} ({checkpoint})", net, "classifier", images=x,
                        labels=y)
-    if prompts is None:
-        raise ValueError(f"--model {model}: a pipeline needs --prompts (a text file, one prompt per line)")
     from diffusers import DiffusionPipeline
 
     try:
@@ -129,8 +127,10 @@ def load_subject(model: str, *, prompts: Optional[str] = None, per_class: int = 
     except Exception as error:  # OSError, EnvironmentError, ValueError depending on what is missing
         raise ValueError(f"--model {model!r} is not built in ({', '.join(BUILT_IN_EVAL)}), not a timm model name, "
                          f"and not a diffusers folder or cached hub id ({type(error).__name__}: {error})") from None
+    if text is None:
+        raise ValueError(f"--model {model}: a pipeline needs --prompts (a text file, one prompt per line)")
     pipe.set_progress_bar_config(disable=True)
-    return Subject(model, pipe, "generator", read_prompts(prompts))
+    return Subject(model, pipe, "generator", text)
 
 
 def make_judges(subject: Subject, *, clip_model: Optional[str] = None, reference: Optional[str] = None,

@@ -96,8 +96,6 @@ def parse_setting(text: Union[str, Dict[str, Any], Setting]) -> Setting:
             methods = json.loads(stripped)
         except ValueError as error:
             raise ValueError(f"settings: malformed JSON {text!r}: {error}") from None
-        if not isinstance(methods, dict):
-            raise ValueError(f"settings: JSON must be an object of method: settings; got {text!r}")
         return Setting(json.dumps(methods, separators=(",", ":")), _check(methods, text))
     methods: Dict[str, Any] = {}
     for part in _split_top_level(stripped):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-import accel.eval.evaluate as evaluate_module
+import accel.eval.evaluation as evaluate_module
 import accel.eval.inputs as inputs
 from accel.cli import main
 from accel.eval.timing import Timing
-from accel.eval.tune import Budget
+from accel.eval.tuning import Budget
 
 TUNE = ["tune", "--model", "fashion-vit", "--max-accuracy-drop", "100", "--methods", "tome", "--no-compose",
         "--limit", "64", "--held-out", "32", "--batch", "32", "--repeats", "1"]

@@ -10,10 +10,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import accel
-from accel.eval.evaluate import evaluate
+from accel.eval.evaluation import evaluate
 from accel.eval.spec import UNPATCHED, parse_setting
 from accel.eval.timing import Timing
-from accel.eval.tune import BUDGET_METRICS, Budget, NoSettingMeetsBudget, candidates, choose, tune
+from accel.eval.tuning import BUDGET_METRICS, Budget, NoSettingMeetsBudget, candidates, choose, tune
 from accel.patches.base import MethodPatch
 from accel.patches.evit.timm import EViTTimm
 from accel.patches.registry import get_method
