@@ -138,7 +138,8 @@ def test_bench_on_a_built_in_diffusion_pipeline_reports_quality_and_writes_a_gri
     from accel.eval.grid import LEFT_MARGIN, TOP_MARGIN
 
     grid = Image.open(tmp_path / "fashion-sd" / "grid.png")  # a column per setting, a row per class
-    assert grid.size == (LEFT_MARGIN + len(rows) * 28 * 2, TOP_MARGIN + 10 * 28 * 2)
+    cell = 28 * 5  # 28-pixel images upscaled 5x, so that the settings' labels fit above them
+    assert grid.size == (LEFT_MARGIN + len(rows) * cell, TOP_MARGIN + 10 * cell)
     report = json.loads((tmp_path / "fashion-sd" / "report.json").read_text())
     assert [p["prompt"] for p in report["per_image"]] == [f"a photo of a {c}" for c in FASHION_CLASSES]
     fid = report["rows"][1]["fid_vs_unpatched"]

@@ -38,8 +38,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     judges = parser.add_argument_group("quality")
     judges.add_argument("--clip-model", help="a local CLIP folder or cached hub id (default fashion-clip)")
     judges.add_argument("--reference", help="a folder of reference images for FID (fashion-mnist: the test subset)")
+    judges.add_argument("--reference-limit", type=int, default=500,
+                        help="reference images used (default 500; Inception runs ~7 images/s on 2 CPU cores)")
     judges.add_argument("--no-fid", action="store_true", help="skip FID (its Inception pass is the slowest part)")
     judges.add_argument("--fid-resamples", type=int, default=200, help="bootstrap resamples (default 200)")
+    parser.add_argument("--report", help="also write the table into this Markdown file's accel_<command>_<model> "
+                                         "section, with the command and the machine (e.g. docs/benchmarks.md)")
 
 
 def add_eval_parser(sub: Any) -> None:
@@ -90,7 +94,7 @@ def _prepare(args: argparse.Namespace, command: str):
     from .inputs import load_subject, make_judges
     from .shard import Shard
 
-    for option in ("batch", "repeats", "steps", "per_class"):
+    for option in ("batch", "repeats", "steps", "per_class", "reference_limit", "fid_resamples"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1; got {getattr(args, option)}")
     shard = Shard.from_accelerate(threads=args.threads)
@@ -99,7 +103,8 @@ def _prepare(args: argparse.Namespace, command: str):
         limit += args.held_out
     subject = load_subject(args.model, prompts=args.prompts, per_class=args.per_class, images=args.images,
                            checkpoint=args.checkpoint, limit=limit)
-    judges = make_judges(subject, clip_model=args.clip_model, reference=args.reference, fid=not args.no_fid,
+    judges = make_judges(subject, clip_model=args.clip_model, reference=args.reference,
+                         reference_limit=args.reference_limit, fid=not args.no_fid,
                          resamples=args.fid_resamples) if subject.kind == "generator" else None
     return shard, subject, judges
 
@@ -132,11 +137,31 @@ def run_eval(args: argparse.Namespace) -> int:
     paths = write_report(record, Path(args.out), grid_rows=args.grid_rows, save_images=args.save_images)
     print(table(record, style="text"))
     print("\n".join(f"wrote {path}" for path in paths.values()))
+    _section(args, "eval", paths["markdown"].read_text())
     return 0
 
 
+def _section(args: argparse.Namespace, command: str, text: str) -> None:
+    """With ``--report``: ``text`` into that file's section for this command and model, after the
+    date, the machine, the load average now and the command that reproduces it."""
+    if not args.report:
+        return
+    import datetime
+    import os
+    import shlex
+
+    from .report import machine_description, replace_section
+
+    argv = [a for a in args.argv if not a.startswith("--report") and a != args.report]
+    name = f"accel_{command}_{Path(args.model).name}".replace("-", "_")
+    replace_section(Path(args.report), name, (
+        f"Measured {datetime.date.today().isoformat()} on {machine_description('diffusers', 'timm')}; load average "
+        f"{os.getloadavg()[0]:.2f} at the end. Command: `accel {shlex.join(argv)}`\n\n{text}"))
+    print(f"wrote the table to {args.report} (section {name})")
+
+
 def run_tune(args: argparse.Namespace) -> int:
-    from .outputs import write_report
+    from .outputs import table, write_report
     from .progress import say
     from .tuning import Budget, NoSettingMeetsBudget, candidates, tune
 
@@ -183,12 +208,14 @@ def run_tune(args: argparse.Namespace) -> int:
     write_report(record, out)
     (out / "tune.json").write_text(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2) + "\n")
     held = result["held_out"]
-    print(f"fastest within {result['budget']}: {result['label']} ({result['chosen']['speedup']:.2f}x, "
-          f"{metric} {result['chosen'][metric]:.3g} on the calibration set)")
-    print(f"held out: {held['speedup']:.2f}x, {metric} {held[metric]:.3g}: "
-          f"{'within' if result['held_out_within_budget'] else 'OUTSIDE'} the budget")
-    print(f"Pareto front: {', '.join(result['front'])}")
-    print(f"apply it: accel.patch(model, **{result['settings']!r}); wrote {out}/tune.json, report.md and plots")
+    lines = [f"fastest within {result['budget']}: {result['label']} ({result['chosen']['speedup']:.2f}x, "
+             f"{metric} {result['chosen'][metric]:.3g} on the calibration set)",
+             f"held out: {held['speedup']:.2f}x, {metric} {held[metric]:.3g}: "
+             f"{'within' if result['held_out_within_budget'] else 'OUTSIDE'} the budget",
+             f"Pareto front: {', '.join(result['front'])}",
+             f"apply it: accel.patch(model, **{result['settings']!r})"]
+    print("\n".join(lines + [f"wrote {out}/tune.json, report.md and plots"]))
+    _section(args, "tune", "\n".join(f"- {line}" for line in lines) + f"\n\n{table(record)}\n")
     return 0
 
 

@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["labelled_grid", "LEFT_MARGIN", "TOP_MARGIN", "TITLE_HEIGHT", "FONT_SIZE"]
 
-LEFT_MARGIN = 160   # pixels for the row labels (prompts)
+LEFT_MARGIN = 240   # pixels for the row labels (prompts): "a photo of a ankle boot (seed 9)" fits
 TOP_MARGIN = 24     # pixels for the column headers (settings)
 TITLE_HEIGHT = 24   # pixels above the headers, only when a title is given
 FONT_SIZE = 12

@@ -134,10 +134,10 @@ def load_subject(model: str, *, prompts: Optional[str] = None, per_class: int = 
 
 
 def make_judges(subject: Subject, *, clip_model: Optional[str] = None, reference: Optional[str] = None,
-                fid: bool = True, resamples: int = 200) -> Judges:
+                reference_limit: Optional[int] = None, fid: bool = True, resamples: int = 200) -> Judges:
     """CLIP (``clip_model``: a local CLIP folder or cached id; default fashion-clip), the standard FID
-    features when their weights are installed, a reference set, and for the built-in pipelines'
-    class prompts the fashion-vit classifier."""
+    features when their weights are installed, a reference set (its first ``reference_limit``
+    images), and for the built-in pipelines' class prompts the fashion-vit classifier."""
     from .clip_score import ClipScorer
 
     judges = Judges(fid_resamples=resamples)
@@ -169,6 +169,8 @@ def make_judges(subject: Subject, *, clip_model: Optional[str] = None, reference
             judges.reference, judges.reference_name = load_test_subset()[0], "the shipped Fashion-MNIST test subset"
         else:
             judges.reference, judges.reference_name = read_image_folder(reference), reference
+        judges.reference = judges.reference[:reference_limit]
+        judges.reference_name += f" ({len(judges.reference)} images)"
         if judges.features is None:
             judges.notes.append("FID against the reference not computed: no Inception weights")
     if subject.built_in and subject.labels is not None:

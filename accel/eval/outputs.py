@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .report import format_table
 
-__all__ = ["write_report", "plot_record", "table", "GENERATOR_COLUMNS", "CLASSIFIER_COLUMNS", "PLOTS"]
+__all__ = ["write_report", "plot_record", "table", "grid_scale", "GENERATOR_COLUMNS", "CLASSIFIER_COLUMNS", "PLOTS"]
 
 GENERATOR_COLUMNS = [
     ("settings", "settings", ""), ("s_per_image", "s/image", ".3f"), ("speedup", "speedup", ".2f"),
@@ -89,6 +89,12 @@ def _describe(record: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def grid_scale(width: int, cell: int = 140) -> int:
+    """The integer upscaling that makes an image ``width`` pixels wide at least ``cell`` wide (a
+    28-pixel image: 5), so that a setting's label fits above its column; 1 for large images."""
+    return max(1, -(-cell // width))
+
+
 def write_report(record: Dict[str, Any], folder: Path, *, grid_rows: int = 8, save_images: bool = False
                  ) -> Dict[str, Path]:
     """Write ``report.json`` (the record without the images), ``report.md``, the plots (drawn from
@@ -111,7 +117,7 @@ def write_report(record: Dict[str, Any], folder: Path, *, grid_rows: int = 8, sa
         n = min(grid_rows, len(saved["per_image"]))
         labels = [f"{p['prompt']} (seed {p['seed']})" for p in saved["per_image"][:n]]
         paths["grid"] = labelled_grid({label: out[:n] for label, out in images.items()}, folder / "grid.png",
-                                      row_labels=labels)
+                                      row_labels=labels, scale=grid_scale(next(iter(images.values())).shape[-1]))
         if save_images:
             import torch
 

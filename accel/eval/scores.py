@@ -48,7 +48,9 @@ def generator_rows(settings: Sequence[Setting], images: Dict[str, torch.Tensor],
                 features[name] = inception_features(out, features=judges.features)
                 bar.update()
         if judges.reference is not None:
-            reference_features = inception_features(judges.reference, features=judges.features)
+            reference_features = inception_features(
+                judges.reference, features=judges.features,
+                progress=f"{progress}: FID features of {len(judges.reference)} reference images" if progress else None)
 
     def interval(a: torch.Tensor, b: torch.Tensor) -> Dict[str, Any]:
         return dataclasses.asdict(fid_interval(a, b, resamples=judges.fid_resamples))
