@@ -91,8 +91,14 @@ def _fail(command: str, message: str, code: int = 2) -> int:
 
 def _prepare(args: argparse.Namespace, command: str):
     """(shard, subject, judges) for the options, or raise ValueError."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from .inputs import load_subject, make_judges
     from .shard import Shard
+
+    diffusers_logging.disable_progress_bar()  # loading bars would interleave with ours
+    transformers_logging.disable_progress_bar()
 
     for option in ("batch", "repeats", "steps", "per_class", "reference_limit", "fid_resamples"):
         if getattr(args, option) < 1:
@@ -203,8 +209,9 @@ def run_tune(args: argparse.Namespace) -> int:
     if not shard.is_main:
         return 0
     out = Path(args.out)
-    record = {"meta": {**(reports.get("calibration") or reports["held-out"])["meta"], "budget": result["budget"]},
-              "rows": result["rows"], "per_image": []}
+    measured = reports.get("calibration") or reports.get("held-out")
+    meta = measured["meta"] if measured else _cached_meta(args, subject, shard, judges, n)
+    record = {"meta": {**meta, "budget": result["budget"]}, "rows": result["rows"], "per_image": []}
     write_report(record, out)
     (out / "tune.json").write_text(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2) + "\n")
     held = result["held_out"]
@@ -217,6 +224,22 @@ def run_tune(args: argparse.Namespace) -> int:
     print("\n".join(lines + [f"wrote {out}/tune.json, report.md and plots"]))
     _section(args, "tune", "\n".join(f"- {line}" for line in lines) + f"\n\n{table(record)}\n")
     return 0
+
+
+def _cached_meta(args: argparse.Namespace, subject: Any, shard: Any, judges: Any, count: int) -> Dict[str, Any]:
+    """A report's description when every row came from the cache (its timing lines are in the
+    report of the run that measured them)."""
+    import torch
+
+    from .evaluation import judge_names
+
+    meta = {"model": subject.name, "kind": subject.kind, "count": count, "batch": args.batch, "world": shard.world,
+            "device": str(shard.device), "threads": torch.get_num_threads(), "repeats": args.repeats, "timing": []}
+    if subject.kind == "generator":
+        guidance = args.guidance if args.guidance is not None else subject.guidance
+        meta.update(steps=args.steps, guidance=guidance, seeds=f"prompt i drawn with seed {args.seed} + i",
+                    judges=judge_names(judges))
+    return meta
 
 
 def _machine(context: Dict[str, Any]) -> Dict[str, Any]:

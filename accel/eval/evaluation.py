@@ -25,7 +25,7 @@ from .shard import Shard, batches
 from .spec import UNPATCHED, Setting, parse_settings
 from .timing import Timing, cpu_per_wall, time_interleaved
 
-__all__ = ["evaluate", "Judges", "light_copy", "generate_batch", "to_uint8", "Timer"]
+__all__ = ["evaluate", "Judges", "judge_names", "light_copy", "generate_batch", "to_uint8", "Timer"]
 
 Timer = Callable[[Dict[str, Callable[[], Any]]], Dict[str, Timing]]
 
@@ -204,7 +204,7 @@ def _score(settings: Sequence[Setting], gathered: List[Dict[str, Any]], work: Li
         meta["seeds"] = f"prompt i drawn with seed {seed} + i"
         rows = generator_rows(settings, results, readings, [prompts[i] for i in range(count)], judges or Judges(),
                               progress)
-        meta["judges"] = _judge_names(judges or Judges())
+        meta["judges"] = judge_names(judges or Judges())
         per_image = [{"index": i, "prompt": prompts[i], "seed": seed + i, "rank": ranks[i]} for i in range(count)]
         return {"meta": meta, "rows": rows, "per_image": per_image, "images": results}
     rows = classifier_rows(settings, results, readings, labels)
@@ -212,6 +212,6 @@ def _score(settings: Sequence[Setting], gathered: List[Dict[str, Any]], work: Li
     return {"meta": meta, "rows": rows, "per_image": per_image, "images": None}
 
 
-def _judge_names(judges: Judges) -> Dict[str, Any]:
+def judge_names(judges: Judges) -> Dict[str, Any]:
     return {"clip": judges.clip_name, "fid_features": judges.features_name, "reference": judges.reference_name,
             "classifier": judges.classifier_name, "notes": list(judges.notes)}

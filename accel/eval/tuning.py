@@ -107,11 +107,18 @@ def _key(context: Dict[str, Any], label: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _save(cache: Path, stored: Dict[str, Any]) -> None:
+    """The cache file: ``{"calibration": {key: row}, "held-out": {key: row}}``."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(stored, indent=1) + "\n")
+
+
 def tune(model: Any, budget: Budget, measure: Callable[[List[Setting], str], List[Dict[str, Any]]], *,
          context: Dict[str, Any], cache: Optional[Path] = None, settings: Optional[List[Setting]] = None,
          log: Callable[[str], Any] = lambda _: None) -> Dict[str, Any]:
     """Measure the candidates not in ``cache`` with ``measure(settings, "calibration")`` (rows as
-    ``evaluate`` makes them), choose within ``budget``, then ``measure([chosen], "held-out")``.
+    ``evaluate`` makes them), choose within ``budget``, then ``measure([chosen], "held-out")``
+    unless that is cached too (a rerun measures nothing).
     ``context``: what makes measurements comparable (model, data, steps, machine ...); it keys the
     cache. Returns ``{"settings", "label", "budget", "rows", "front", "chosen", "held_out",
     "held_out_within_budget", "measured"}``."""
@@ -120,22 +127,26 @@ def tune(model: Any, budget: Budget, measure: Callable[[List[Setting], str], Lis
     settings = settings if settings is not None else candidates(model)
     cache = Path(cache) if cache is not None else default_cache()
     stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    missing = [s for s in settings if _key(context, s.label) not in stored]
+    calibration, held_out = stored.setdefault("calibration", {}), stored.setdefault("held-out", {})
+    missing = [s for s in settings if _key(context, s.label) not in calibration]
     if missing:
         log(f"tune: measuring {len(missing)} of {len(settings)} settings ({len(settings) - len(missing)} cached)")
         for row in measure(missing, "calibration"):
-            stored[_key(context, row["settings"])] = row
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(stored, indent=1) + "\n")
+            calibration[_key(context, row["settings"])] = row
+        _save(cache, stored)
     else:
         log(f"tune: all {len(settings)} settings cached in {cache}")
-    rows = [stored[_key(context, s.label)] for s in settings]
+    rows = [calibration[_key(context, s.label)] for s in settings]
     for row in rows:
         row["within_budget"] = budget.met(row)
     chosen = choose(rows, budget)
     front = [r["settings"] for r in front_rows(rows, y=budget.metric, higher_is_better=budget.higher_is_better)]
     setting = next(s for s in settings if s.label == chosen["settings"])
-    held = [r for r in measure([setting], "held-out") if r["settings"] == setting.label][0]
+    key = _key(context, setting.label)
+    if key not in held_out:
+        held_out[key] = [r for r in measure([setting], "held-out") if r["settings"] == setting.label][0]
+        _save(cache, stored)
+    held = held_out[key]
     return {"settings": dict(setting.methods), "label": setting.label, "budget": str(budget),
             "metric": budget.metric, "rows": rows, "front": front, "chosen": chosen, "held_out": held,
             "held_out_within_budget": budget.met(held), "measured": len(missing)}

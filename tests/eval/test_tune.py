@@ -208,7 +208,7 @@ class FakeMeasure:
 
 def brute_force(cache, budget):
     """The fastest cached row that meets ``budget`` and beats the unpatched model."""
-    rows = list(json.loads(cache.read_text()).values())
+    rows = list(json.loads(cache.read_text())["calibration"].values())
     fitting = [r for r in rows if budget.met(r) and r["speedup"] > 1]
     return max(fitting, key=lambda r: r["speedup"])["settings"]
 
@@ -219,7 +219,8 @@ def test_tune_picks_the_fastest_within_budget(tmp_path):
                   log=said.append)
     assert cache.is_file()
     stored = json.loads(cache.read_text())
-    assert sorted(r["settings"] for r in stored.values()) == sorted(TABLE)  # the baseline is cached too
+    assert sorted(r["settings"] for r in stored["calibration"].values()) == sorted(TABLE)  # the baseline too
+    assert [r["settings"] for r in stored["held-out"].values()] == [result["label"]]
     assert result["label"] == brute_force(cache, BUDGET) == "tome=2,deepcache=3"
     assert result["settings"] == {"tome": 2, "deepcache": 3}
     assert result["label"] != UNPATCHED
@@ -330,7 +331,7 @@ def test_evaluate_and_tune_on_a_vit(tiny_vit, tmp_path):
     assert parts == ["calibration", "held-out"]
     assert sorted(timer.ran) == sorted([UNPATCHED] + [s.label for s in settings]
                                        + [UNPATCHED, result["label"]])
-    rows = {r["settings"]: r for r in json.loads(cache.read_text()).values()}
+    rows = {r["settings"]: r for r in json.loads(cache.read_text())["calibration"].values()}
     assert set(rows) == {UNPATCHED} | {s.label for s in settings}
     for label, row in rows.items():
         assert row["speedup"] == pytest.approx(1 / fake_seconds(label))
