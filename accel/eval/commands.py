@@ -211,7 +211,9 @@ def run_tune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     measured = reports.get("calibration") or reports.get("held-out")
     meta = measured["meta"] if measured else _cached_meta(args, subject, shard, judges, n)
-    record = {"meta": {**meta, "budget": result["budget"]}, "rows": result["rows"], "per_image": []}
+    record = {"meta": {**meta, "tune": {"budget": result["budget"], "metric": metric, "bound": bound,
+                                         "chosen": result["label"]}},
+              "rows": result["rows"], "per_image": []}
     write_report(record, out)
     (out / "tune.json").write_text(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2) + "\n")
     held = result["held_out"]

@@ -55,17 +55,22 @@ def table(record: Dict[str, Any], style: str = "markdown") -> str:
 
 
 def plot_record(record: Dict[str, Any], folder: Path) -> List[Path]:
-    """``speedup-vs-<metric>.png`` for every quality metric the record has a value for."""
+    """``speedup-vs-<metric>.png`` for every quality metric the record has a value for; a tune
+    record (``meta["tune"]``) also gets its budget line and its choice marked."""
     from .plot import tradeoff_plot
 
     rows = [_flat(r) for r in record["rows"]]
     paths = []
-    for key, label, higher, interval in PLOTS:
+    tune = record["meta"].get("tune") or {}
+    plots = PLOTS + ([(tune["metric"], "top-1 accuracy drop (points)", False, None)]
+                     if tune.get("metric") == "accuracy_drop" else [])
+    for key, label, higher, interval in plots:
         if sum(r.get(key) is not None for r in rows) < 1:
             continue
+        marks = dict(budget=tune.get("bound"), chosen=tune.get("chosen")) if tune.get("metric") == key else {}
         paths.append(tradeoff_plot(rows, Path(folder) / f"speedup-vs-{key.replace('_value', '')}.png", y=key,
                                    ylabel=label, title=f"{record['meta']['model']}: speedup against {label}",
-                                   higher_is_better=higher, interval=interval))
+                                   higher_is_better=higher, interval=interval, **marks))
     return paths
 
 

@@ -71,13 +71,19 @@ def _save(fig: Any, path: PathLike) -> Path:
     return path
 
 
+LABEL_ALL = 10  # points a trade-off plot labels all of; beyond, labels would overlap
+
+
 def tradeoff_plot(rows: Sequence[Dict[str, Any]], path: PathLike, *, y: str, ylabel: str, title: str,
                   x: str = "speedup", xlabel: str = "speedup over unpatched (x)", higher_is_better: bool = True,
-                  label: str = "settings", interval: Optional[Tuple[str, str]] = None) -> Path:
+                  label: str = "settings", interval: Optional[Tuple[str, str]] = None,
+                  budget: Optional[float] = None, chosen: Optional[str] = None) -> Path:
     """Quality ``row[y]`` against ``row[x]`` as a PNG at ``path``: one point per row, annotated with
-    ``row[label]``, the Pareto front drawn as a staircase with its points ringed, a dotted line at
+    ``row[label]`` (beyond ``LABEL_ALL`` points only the front's and the chosen one, so that they
+    stay legible), the Pareto front drawn as a staircase with its points ringed, a dotted line at
     x = 1 (the unpatched model). ``interval=(low_key, high_key)`` adds vertical error bars (a FID
-    confidence interval). Rows without a y (the unpatched baseline) are skipped."""
+    confidence interval); ``budget`` a dashed line at that y, ``chosen`` (a label) a star on that
+    row (``accel tune``'s choice). Rows without a y (the unpatched baseline) are skipped."""
     kept = [row for row in rows if _has(row, x) and _has(row, y)]
     if not kept:
         raise ValueError(f"tradeoff_plot: no row has both {x!r} and y={y!r}")
@@ -95,9 +101,17 @@ def tradeoff_plot(rows: Sequence[Dict[str, Any]], path: PathLike, *, y: str, yla
                               [max(0.0, row[high] - ys[i]) for i, row in bars]],
                         fmt="none", ecolor=PALETTE[2], elinewidth=1, capsize=3)
     ax.scatter(xs, ys, s=24, color=PALETTE[5], zorder=3)
-    for row, px, py in zip(kept, xs, ys):
-        ax.annotate(str(row.get(label, "")), (px, py), xytext=(4, 4), textcoords="offset points", fontsize=7)
     front = pareto_front(xs, ys, maximize=(True, higher_is_better))
+    named = set(range(len(kept))) if len(kept) <= LABEL_ALL else set(front)
+    for i, (row, px, py) in enumerate(zip(kept, xs, ys)):
+        if i in named or row.get(label) == chosen:
+            ax.annotate(str(row.get(label, "")), (px, py), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    if budget is not None:
+        ax.axhline(budget, color=PALETTE[3], linestyle="--", linewidth=1, label=f"budget ({budget:g})")
+    picked = [i for i, row in enumerate(kept) if chosen is not None and row.get(label) == chosen]
+    if picked:
+        ax.scatter([xs[i] for i in picked], [ys[i] for i in picked], s=160, marker="*", color=PALETTE[1],
+                   edgecolor="black", zorder=4, label=f"chosen: {chosen}")
     # x is maximised, so the best quality reachable at speedup >= x over (x_i, x_i+1] is y_i+1: 'pre'.
     # The markers sit on the points themselves (not the corners), so they ring the front's points.
     ax.step([xs[i] for i in front], [ys[i] for i in front], where="pre", color=PALETTE[4], linewidth=1.5,

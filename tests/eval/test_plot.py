@@ -141,3 +141,29 @@ def test_labelled_grid_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="scale"):
         labelled_grid({"a": ok}, out, row_labels=["x", "y"], scale=0)
     assert not out.exists()
+
+
+def test_tune_marks_draw_the_budget_and_the_choice(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from accel.eval.outputs import plot_record
+
+    rows = [{"settings": "unpatched", "speedup": 1.0, "accuracy_drop": 0.0},
+            {"settings": "tome=2", "speedup": 1.3, "accuracy_drop": 0.1},
+            {"settings": "tome=4", "speedup": 1.8, "accuracy_drop": 1.0}]
+    plain = tradeoff_plot(rows, tmp_path / "plain.png", y="accuracy_drop", ylabel="drop", title="t",
+                          higher_is_better=False)
+    marked = tradeoff_plot(rows, tmp_path / "marked.png", y="accuracy_drop", ylabel="drop", title="t",
+                           higher_is_better=False, budget=0.5, chosen="tome=2")
+    a, b = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (plain, marked))
+    assert a.shape == b.shape and (a != b).any(axis=-1).sum() > 200  # a line across the plot and a star
+    # a tune record gets the plot of its budget's metric, with the marks
+    record = {"meta": {"model": "m", "tune": {"metric": "accuracy_drop", "bound": 0.5, "chosen": "tome=2"}},
+              "rows": rows}
+    paths = plot_record(record, tmp_path / "tune")
+    assert [p.name for p in paths] == ["speedup-vs-accuracy_drop.png"]
+    label = "top-1 accuracy drop (points)"
+    same = tradeoff_plot(rows, tmp_path / "same.png", y="accuracy_drop", ylabel=label,
+                         title=f"m: speedup against {label}", higher_is_better=False, budget=0.5, chosen="tome=2")
+    assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(same)))  # budget and star drawn
