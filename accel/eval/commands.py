@@ -16,6 +16,16 @@ on CPUs (plain --cpu starts one process), accelerate launch --multi_gpu --num_pr
 --threads."""
 
 
+def _json_object(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 384}}'; got {text!r}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="fashion-sd, fashion-dit or fashion-vit (built in), a diffusers folder, a cached hub "
@@ -25,7 +35,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                                         "class prompts, --per-class of each)")
     data.add_argument("--per-class", type=int, default=2, help="built-in class prompts per class (default 2)")
     data.add_argument("--images", help="classifiers: an ImageFolder (one sub-folder per class)")
-    data.add_argument("--checkpoint", help="classifiers: timm weights (.pth or .safetensors)")
+    data.add_argument("--checkpoint", help="classifiers: timm weights (.pth or .safetensors); the model gets as "
+                                           "many classes as --images has sub-folders")
+    data.add_argument("--model-kwargs", type=_json_object, default=None,
+                      help='classifiers: JSON keywords for timm.create_model, e.g. \'{"img_size": 384}\'')
     data.add_argument("--limit", type=int, help="classifiers: the first N images only")
     run = parser.add_argument_group("run")
     run.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
@@ -108,7 +121,7 @@ def _prepare(args: argparse.Namespace, command: str):
     if command == "tune" and limit is not None:
         limit += args.held_out
     subject = load_subject(args.model, prompts=args.prompts, per_class=args.per_class, images=args.images,
-                           checkpoint=args.checkpoint, limit=limit)
+                           checkpoint=args.checkpoint, limit=limit, model_kwargs=args.model_kwargs)
     judges = make_judges(subject, clip_model=args.clip_model, reference=args.reference,
                          reference_limit=args.reference_limit, fid=not args.no_fid,
                          resamples=args.fid_resamples) if subject.kind == "generator" else None
@@ -198,7 +211,8 @@ def run_tune(args: argparse.Namespace) -> int:
         reports[part] = record
         return record["rows"]
 
-    context = {"model": args.model, "checkpoint": args.checkpoint, "prompts": subject.prompts, "seed": args.seed,
+    context = {"model": args.model, "checkpoint": args.checkpoint, "model_kwargs": args.model_kwargs,
+               "images": args.images, "prompts": subject.prompts, "seed": args.seed,
                "steps": args.steps, "guidance": args.guidance, "batch": args.batch, "calibration": n,
                "clip": args.clip_model, "world": shard.world, "threads": args.threads}
     try:

@@ -48,6 +48,7 @@ class Judges:
     labels: Optional[torch.Tensor] = None
     notes: List[str] = field(default_factory=list)
     fid_resamples: int = 200
+    reference_features: Optional[torch.Tensor] = None  # computed once, on first use, for every pipeline judged
 
 
 def light_copy(obj: Any) -> Any:

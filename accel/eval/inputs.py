@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -75,10 +75,11 @@ def _classifier_folder(model: torch.nn.Module, path: str, limit: Optional[int]) 
     """An ImageFolder through the model's own timm preprocessing: ``[N, C, H, W]``, labels ``[N]``."""
     from timm.data import ImageDataset, create_transform, resolve_data_config
 
-    if not Path(path).is_dir():
-        raise ValueError(f"--images: {path} is not a folder (expected one sub-folder of images per class)")
+    # The model's own input size when it was built at another (``--model-kwargs '{"img_size": 384}'``).
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    config = resolve_data_config({"input_size": (3, *size)} if size else {}, model=model)
     try:
-        dataset = ImageDataset(path, transform=create_transform(**resolve_data_config({}, model=model)))
+        dataset = ImageDataset(path, transform=create_transform(**config))
     except Exception as error:  # timm raises RuntimeError/FileNotFoundError for empty or odd folders
         raise ValueError(f"--images: cannot read {path} as an ImageFolder: {error}") from None
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -89,8 +90,11 @@ def _classifier_folder(model: torch.nn.Module, path: str, limit: Optional[int]) 
 
 
 def load_subject(model: str, *, prompts: Optional[str] = None, per_class: int = 2, images: Optional[str] = None,
-                 checkpoint: Optional[str] = None, limit: Optional[int] = None) -> Subject:
-    """The ``Subject`` for ``--model`` (see the module docstring); ``ValueError`` saying what is wrong."""
+                 checkpoint: Optional[str] = None, limit: Optional[int] = None,
+                 model_kwargs: Optional[Dict[str, Any]] = None) -> Subject:
+    """The ``Subject`` for ``--model`` (see the module docstring); ``ValueError`` saying what is wrong.
+    A timm classifier is built with as many classes as ``images`` has sub-folders and with
+    ``model_kwargs`` (``img_size`` ...), then ``checkpoint`` is loaded into it."""
     from ..pipelines import FASHION_CLASSES, load, load_test_subset, prompt_for
 
     text = read_prompts(prompts) if prompts else None  # a bad prompt file fails before any model loads
@@ -116,7 +120,17 @@ def load_subject(model: str, *, prompts: Optional[str] = None, per_class: int = 
     if timm.is_model(model):
         if images is None:
             raise ValueError(f"--model {model}: a timm classifier needs --images (a labelled ImageFolder)")
-        net = timm.create_model(model, pretrained=False, checkpoint_path=checkpoint or "").eval()
+        if not Path(images).is_dir():
+            raise ValueError(f"--images: {images} is not a folder (expected one sub-folder of images per class)")
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise ValueError(f"--checkpoint: {checkpoint} is not a file")
+        classes = [p for p in Path(images).iterdir() if p.is_dir()]
+        try:
+            net = timm.create_model(model, pretrained=False, num_classes=len(classes) or 1000,
+                                    checkpoint_path=checkpoint or "", **(model_kwargs or {})).eval()
+        except (RuntimeError, OSError, TypeError) as error:  # a missing file, mismatched shapes, unknown kwargs
+            raise ValueError(f"--checkpoint/--model-kwargs: cannot build {model} from {checkpoint}: "
+                             f"{(str(error) or type(error).__name__).splitlines()[0]}") from None
         x, y = _classifier_folder(net, images, limit)
         return Subject(model if checkpoint is None else f"{model} ({checkpoint})", net, "classifier", images=x,
                        labels=y)

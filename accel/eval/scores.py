@@ -47,10 +47,11 @@ def generator_rows(settings: Sequence[Setting], images: Dict[str, torch.Tensor],
             for name, out in images.items():
                 features[name] = inception_features(out, features=judges.features)
                 bar.update()
-        if judges.reference is not None:
-            reference_features = inception_features(
+        if judges.reference is not None and judges.reference_features is None:
+            judges.reference_features = inception_features(
                 judges.reference, features=judges.features,
                 progress=f"{progress}: FID features of {len(judges.reference)} reference images" if progress else None)
+        reference_features = judges.reference_features
 
     def interval(a: torch.Tensor, b: torch.Tensor) -> Dict[str, Any]:
         return dataclasses.asdict(fid_interval(a, b, resamples=judges.fid_resamples))

@@ -22,11 +22,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .spec import UNPATCHED, Setting
 
-__all__ = ["Budget", "NoSettingMeetsBudget", "candidates", "choose", "tune", "default_cache"]
+__all__ = ["Budget", "TuneResult", "NoSettingMeetsBudget", "candidates", "choose", "tune", "default_cache"]
 
 # metric key in a row -> (what it is, higher is better)
 BUDGET_METRICS = {"psnr": ("PSNR vs unpatched, dB", True), "ssim": ("SSIM vs unpatched", True),
                   "clip_score": ("CLIP score", True), "accuracy_drop": ("top-1 accuracy drop, points", False)}
+
+
+class TuneResult(dict):
+    """``tune``'s result: a dict (it is written as JSON) whose keys also read as attributes, so that
+    ``accel.patch(model, **result.settings)`` applies the choice."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class NoSettingMeetsBudget(ValueError):
@@ -120,8 +131,8 @@ def tune(model: Any, budget: Budget, measure: Callable[[List[Setting], str], Lis
     ``evaluate`` makes them), choose within ``budget``, then ``measure([chosen], "held-out")``
     unless that is cached too (a rerun measures nothing).
     ``context``: what makes measurements comparable (model, data, steps, machine ...); it keys the
-    cache. Returns ``{"settings", "label", "budget", "rows", "front", "chosen", "held_out",
-    "held_out_within_budget", "measured"}``."""
+    cache. Returns a ``TuneResult``: ``settings`` (``accel.patch`` keywords), ``label``, ``budget``,
+    ``rows``, ``front``, ``chosen``, ``held_out``, ``held_out_within_budget``, ``measured``."""
     from .plot import front_rows
 
     settings = settings if settings is not None else candidates(model)
@@ -147,6 +158,6 @@ def tune(model: Any, budget: Budget, measure: Callable[[List[Setting], str], Lis
         held_out[key] = [r for r in measure([setting], "held-out") if r["settings"] == setting.label][0]
         _save(cache, stored)
     held = held_out[key]
-    return {"settings": dict(setting.methods), "label": setting.label, "budget": str(budget),
+    return TuneResult({"settings": dict(setting.methods), "label": setting.label, "budget": str(budget),
             "metric": budget.metric, "rows": rows, "front": front, "chosen": chosen, "held_out": held,
-            "held_out_within_budget": budget.met(held), "measured": len(missing)}
+            "held_out_within_budget": budget.met(held), "measured": len(missing)})

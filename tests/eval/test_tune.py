@@ -344,6 +344,15 @@ def test_evaluate_and_tune_on_a_vit(tiny_vit, tmp_path):
     assert result["held_out"]["settings"] == result["label"]
     assert result["held_out_within_budget"] == budget.met(result["held_out"])
     # the choice applies as it is
-    patched = accel.patch(make_vit(patch_size=8, depth=2, num_classes=3), **result["settings"])
+    patched = accel.patch(make_vit(patch_size=8, depth=2, num_classes=3), **result.settings)
     with torch.inference_mode():
         assert patched(x[:4]).shape == (4, 3)
+
+
+def test_the_result_reads_as_attributes(tmp_path):
+    """``accel.patch(model, **result.settings)``: the result reads as attributes and as a dict."""
+    result = tune(None, BUDGET, FakeMeasure(), context={}, cache=tmp_path / "c.json", settings=table_settings())
+    assert result.settings == result["settings"] == {"tome": 2, "deepcache": 3}
+    assert result.label == "tome=2,deepcache=3" and json.loads(json.dumps(result))["label"] == result.label
+    with pytest.raises(AttributeError):
+        result.no_such_key
