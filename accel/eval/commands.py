@@ -217,7 +217,8 @@ def run_tune(args: argparse.Namespace) -> int:
                "clip": args.clip_model, "world": shard.world, "threads": args.threads}
     try:
         result = tune(subject.model, budget, measure, context=_machine(context), settings=settings,
-                      cache=Path(args.cache) if args.cache else None, log=say if shard.is_main else (lambda _: 0))
+                      cache=Path(args.cache) if args.cache else None, log=say if shard.is_main else (lambda _: 0),
+                      write=shard.is_main)
     except NoSettingMeetsBudget as error:
         return _fail("tune", str(error), code=1)
     if not shard.is_main:

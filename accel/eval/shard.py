@@ -14,6 +14,10 @@ Why the images equal a one-process run's: the work is cut into batches of a fixe
 shared out (batch ``i`` goes to rank ``i mod world``), so every image is computed in the same batch,
 with the same per-prompt seeds, whatever the number of processes; and each process runs with the
 same fixed thread count (``threads``), since a CPU matmul's reduction order can depend on it.
+On GPUs the same holds on one kind of GPU with deterministic kernels; across GPU models, or with
+kernels that pick their algorithm at run time (cuDNN benchmark mode, atomics in some attention
+backwards), images can differ in the last bits and, through the sampler, visibly: compare such
+runs by PSNR, not by equality.
 """
 from __future__ import annotations
 

@@ -126,12 +126,13 @@ def _save(cache: Path, stored: Dict[str, Any]) -> None:
 
 def tune(model: Any, budget: Budget, measure: Callable[[List[Setting], str], List[Dict[str, Any]]], *,
          context: Dict[str, Any], cache: Optional[Path] = None, settings: Optional[List[Setting]] = None,
-         log: Callable[[str], Any] = lambda _: None) -> Dict[str, Any]:
+         log: Callable[[str], Any] = lambda _: None, write: bool = True) -> Dict[str, Any]:
     """Measure the candidates not in ``cache`` with ``measure(settings, "calibration")`` (rows as
     ``evaluate`` makes them), choose within ``budget``, then ``measure([chosen], "held-out")``
     unless that is cached too (a rerun measures nothing).
     ``context``: what makes measurements comparable (model, data, steps, machine ...); it keys the
-    cache. Returns a ``TuneResult``: ``settings`` (``accel.patch`` keywords), ``label``, ``budget``,
+    cache; ``write=False`` leaves the cache file alone (the other processes of a sharded run, which
+    measure along with the main one and read the same file). Returns a ``TuneResult``: ``settings`` (``accel.patch`` keywords), ``label``, ``budget``,
     ``rows``, ``front``, ``chosen``, ``held_out``, ``held_out_within_budget``, ``measured``."""
     from .plot import front_rows
 
@@ -144,7 +145,8 @@ def tune(model: Any, budget: Budget, measure: Callable[[List[Setting], str], Lis
         log(f"tune: measuring {len(missing)} of {len(settings)} settings ({len(settings) - len(missing)} cached)")
         for row in measure(missing, "calibration"):
             calibration[_key(context, row["settings"])] = row
-        _save(cache, stored)
+        if write:
+            _save(cache, stored)
     else:
         log(f"tune: all {len(settings)} settings cached in {cache}")
     rows = [calibration[_key(context, s.label)] for s in settings]
@@ -156,7 +158,8 @@ def tune(model: Any, budget: Budget, measure: Callable[[List[Setting], str], Lis
     key = _key(context, setting.label)
     if key not in held_out:
         held_out[key] = [r for r in measure([setting], "held-out") if r["settings"] == setting.label][0]
-        _save(cache, stored)
+        if write:
+            _save(cache, stored)
     held = held_out[key]
     return TuneResult({"settings": dict(setting.methods), "label": setting.label, "budget": str(budget),
             "metric": budget.metric, "rows": rows, "front": front, "chosen": chosen, "held_out": held,

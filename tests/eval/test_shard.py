@@ -48,3 +48,21 @@ def test_two_processes_make_the_images_one_process_makes(tmp_path):
     rows = {r["settings"]: r for r in two["rows"]}
     assert rows["deepcache=2"]["psnr"] == {r["settings"]: r for r in one["rows"]}["deepcache=2"]["psnr"]
     assert 0 < rows["deepcache=2"]["psnr"] < 100  # DeepCache changed the images, and the same way in both runs
+
+
+def test_tune_runs_on_two_processes_and_only_the_main_one_writes(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TQDM_DISABLE": "1"}
+    cache = tmp_path / "cache.json"
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--main_process_port", "29518", "-m", "accel.cli", "tune", "--model", "fashion-vit",
+                           "--max-accuracy-drop", "100", "--methods", "tome", "--no-compose", "--limit", "64",
+                           "--held-out", "32", "--batch", "16", "--repeats", "1", "--threads", "1",
+                           "--cache", str(cache), "--out", str(tmp_path / "t")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("fastest within") == 1  # the main process reports
+    result = json.loads((tmp_path / "t" / "tune.json").read_text())
+    stored = json.loads(cache.read_text())
+    assert result["label"].startswith("tome=") and len(stored["held-out"]) == 1
+    timing = json.loads((tmp_path / "t" / "report.json").read_text())["meta"]["timing"]
+    assert sorted(t["rank"] for t in timing) == [0, 1]  # batches of 16 from 32 images: one each

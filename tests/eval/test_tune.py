@@ -356,3 +356,9 @@ def test_the_result_reads_as_attributes(tmp_path):
     assert result.label == "tome=2,deepcache=3" and json.loads(json.dumps(result))["label"] == result.label
     with pytest.raises(AttributeError):
         result.no_such_key
+
+
+def test_a_process_that_does_not_write_leaves_the_cache_alone(tmp_path):
+    cache, measure = tmp_path / "tune.json", FakeMeasure()
+    result = tune(None, BUDGET, measure, context={}, cache=cache, settings=table_settings(), write=False)
+    assert not cache.exists() and result["label"] == "tome=2,deepcache=3"  # chosen all the same
