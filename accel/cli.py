@@ -238,6 +238,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("accel demo: needs gradio: pip install 'accel-toolkit[demo]'", file=sys.stderr)
+        return 2
+    from .demo import found_tune_results, launch
+
+    tuned = [Path(p) for p in args.tuned] if args.tuned is not None else found_tune_results()
+    launch(args.host, args.port, tuned=tuned, block=True)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -305,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_tune_parser(sub)
+    demo = sub.add_parser("demo", help="a Gradio app: unpatched and patched side by side, and what the method did",
+                          description="Runs offline on the built-in models (or your pipeline: type its folder or "
+                                      "cached hub id as the model). Needs the demo extra: pip install "
+                                      "'accel-toolkit[demo]'.")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=None, help="port (default GRADIO_SERVER_PORT, else 7860)")
+    demo.add_argument("--tuned", nargs="*", default=None,
+                      help="accel tune results (tune.json) offered as presets (default: accel-tune/ and docs/tune/ "
+                           "under the current folder)")
+    demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="versions and available methods")
     info.set_defaults(func=_info)
     return parser

@@ -230,7 +230,8 @@ def run_tune(args: argparse.Namespace) -> int:
                                          "chosen": result["label"]}},
               "rows": result["rows"], "per_image": []}
     write_report(record, out)
-    (out / "tune.json").write_text(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2) + "\n")
+    (out / "tune.json").write_text(json.dumps({"model": args.model, **{k: v for k, v in result.items() if k != "rows"}},
+                                              indent=2) + "\n")
     held = result["held_out"]
     lines = [f"fastest within {result['budget']}: {result['label']} ({result['chosen']['speedup']:.2f}x, "
              f"{metric} {result['chosen'][metric]:.3g} on the calibration set)",
