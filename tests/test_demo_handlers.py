@@ -101,3 +101,13 @@ def test_import_accel_does_not_import_gradio_and_the_port_comes_from_gradio_serv
         assert "127.0.0.1" in os.environ["NO_PROXY"].split(",")
     finally:
         app.close()
+
+
+def test_a_local_diffusers_folder_typed_as_the_model(demo, tmp_path):
+    load("fashion-sd").save_pretrained(tmp_path / "mine")
+    base, fast, timing, views, captions, message = demo.generate(str(tmp_path / "mine"), "a photo of a bag", 3, 2,
+                                                                 3.0, 0, "merge", 2, 0, 0)
+    assert message == "" and "DeepCache" in captions
+    assert base.shape == (224, 224, 3)  # the pipeline's own 32x32 RGB output, enlarged 7x
+    *_, message = demo.generate(str(tmp_path), "a photo of a bag", 3, 2, 3.0, 0, "merge", 2, 0, 0)
+    assert "is neither built in" in message  # a folder that is not a pipeline
