@@ -239,9 +239,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
         print("accel demo: needs gradio: pip install 'accel-toolkit[demo]'", file=sys.stderr)
         return 2
     from .demo import found_tune_results, launch

@@ -80,3 +80,14 @@ def images(batch: int = 2, size=(32, 32), seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def vit():
     return make_vit()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small models: on a small shared machine two contending
+    threads are slower, and one thread is deterministic. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

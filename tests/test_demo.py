@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import os
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse

@@ -111,3 +111,14 @@ def test_a_local_diffusers_folder_typed_as_the_model(demo, tmp_path):
     assert base.shape == (224, 224, 3)  # the pipeline's own 32x32 RGB output, enlarged 7x
     *_, message = demo.generate(str(tmp_path), "a photo of a bag", 3, 2, 3.0, 0, "merge", 2, 0, 0)
     assert "is neither built in" in message  # a folder that is not a pipeline
+
+
+def test_accel_demo_without_gradio_says_how_to_get_it(capsys, monkeypatch):
+    import importlib.util
+
+    from accel.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["demo"]) == 2
+    assert "pip install 'accel-toolkit[demo]'" in capsys.readouterr().err

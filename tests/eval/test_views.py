@@ -16,13 +16,7 @@ from accel.patches.settings import Settings
 from tests.conftest import images, make_vit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine is small and shared: one thread avoids oversubscription
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def centres(picture, grid):

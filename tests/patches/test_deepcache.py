@@ -12,13 +12,7 @@ STEPS = 10
 PROMPT = "a photo of a bag"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine is small and shared: one thread avoids oversubscription (and is deterministic)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

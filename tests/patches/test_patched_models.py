@@ -143,12 +143,7 @@ def denoiser(pipe):
     return getattr(pipe, "unet", None) or pipe.transformer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models on a shared machine: no oversubscription, deterministic
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))

@@ -12,13 +12,7 @@ from tests.conftest import fused_and_patched, make_vit
 from tests.patches.test_tome_merge2d import offsets_for, reference_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than two contending threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sd_unet(seed=0):
