@@ -1,11 +1,18 @@
 """Shared helpers: small timm ViTs with seeded random weights (no network, no checkpoint)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Triton kernels run on the CPU in Triton's interpreter (tests/kernels/). Triton decides when
+# triton.language is first imported, which torch or a library may do long before a kernel test
+# runs, so the setting is made here, before anything is imported. It changes nothing else: the
+# kernels' dispatcher still gives CPU tensors the torch reference unless a test asks for Triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

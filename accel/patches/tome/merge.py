@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ...kernels import best_match, unit_rows
+
 __all__ = ["BipartiteMatch", "unit_rows", "match_sets", "bipartite_soft_matching", "merge_weighted", "merge_source",
            "initial_source"]
 
@@ -68,19 +70,14 @@ class BipartiteMatch:
         return out
 
 
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length, so dot products are cosine similarities."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-
-
 def match_sets(a: torch.Tensor, b: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bipartite soft matching of unit rows ``a: [B, Na, C]`` to ``b: [B, Nb, C]`` (Alg. 1).
+    """Bipartite soft matching of the rows of ``a: [B, Na, C]`` to ``b: [B, Nb, C]`` (Alg. 1).
 
-    Each a-token's edge goes to its most similar b-token; the ``r`` strongest edges are kept (ties
-    to the lower index). Returns ``unm_idx [B, Na - r]`` (by decreasing similarity), ``src_idx
-    [B, r]`` and ``dst_idx [B, r]`` (the b-index each of those merges into).
+    Each a-token's edge goes to its most similar b-token (cosine similarity, ``accel.kernels.best_match``);
+    the ``r`` strongest edges are kept (ties to the lower index). Returns ``unm_idx [B, Na - r]`` (by
+    decreasing similarity), ``src_idx [B, r]`` and ``dst_idx [B, r]`` (the b-index each of those merges into).
     """
-    best, best_idx = (a @ b.transpose(-1, -2)).max(dim=-1)  # [B, Na] best cosine similarity
+    best, best_idx = best_match(a, b)  # [B, Na] best cosine similarity
     order = best.argsort(dim=-1, descending=True, stable=True)
     src_idx = order[:, :r]
     return order[:, r:], src_idx, best_idx.gather(1, src_idx)
@@ -95,7 +92,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
     num_a = (n - protected + 1) // 2
     r = max(0, min(r, num_a))
     with torch.no_grad():
-        m = unit_rows(metric[:, protected:])
+        m = metric[:, protected:]  # best_match normalises the rows
         unm_idx, src_idx, dst_idx = match_sets(m[:, ::2], m[:, 1::2], r)
         unm_idx = unm_idx.sort(dim=-1).values  # unmerged tokens keep their order
     return BipartiteMatch(protected, n, unm_idx, src_idx, dst_idx)

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .merge import match_sets, unit_rows
+from .merge import match_sets
 
 __all__ = ["GridMatch", "grid_destinations", "bipartite_soft_matching_random2d", "downsample_tokens"]
 
@@ -121,9 +121,8 @@ def bipartite_soft_matching_random2d(metric: torch.Tensor, w: int, h: int, sx: i
             unm_idx = torch.arange(num_a, device=metric.device).expand(batch, -1)
             empty = unm_idx[:, :0]
             return GridMatch(n, a_idx, b_idx, unm_idx, empty, empty)
-        m = unit_rows(metric)
-        unm_idx, src_idx, dst_idx = match_sets(m.gather(1, _expand(a_idx, batch, c)),
-                                               m.gather(1, _expand(b_idx, batch, c)), r)
+        unm_idx, src_idx, dst_idx = match_sets(metric.gather(1, _expand(a_idx, batch, c)),
+                                               metric.gather(1, _expand(b_idx, batch, c)), r)
     return GridMatch(n, a_idx, b_idx, unm_idx, src_idx, dst_idx)
 
 
