@@ -12,10 +12,11 @@ position) is not measured yet: no GPU was lent to the session that wrote it.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 
 import torch
+
+from .registration import KernelOp
 
 __all__ = ["unit_rows", "best_match_reference", "best_match_triton"]
 
@@ -32,73 +33,32 @@ def best_match_reference(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor
     return (unit_rows(a) @ unit_rows(b).transpose(-1, -2)).max(dim=-1)
 
 
-@functools.lru_cache(maxsize=2)
-def _kernel(interpret: bool) -> Any:
-    """The Triton kernel (``matching_triton``, imported on first use: ``import accel`` imports no
-    Triton), one per value of ``TRITON_INTERPRET``, which ``triton.jit`` reads when it wraps it."""
-    import triton
-
+def _kernel() -> Any:
     from .matching_triton import best_match_kernel
 
-    return triton.jit(best_match_kernel)
+    return best_match_kernel
 
 
-_OPS: Dict[bool, Any] = {}  # TRITON_INTERPRET -> the op, built on first use
-
-
-@torch.compiler.disable
-def _build(interpret: bool) -> Any:
-    """Build and register the op once per interpreter setting. Outside any graph: defining a Triton
-    kernel reads Triton's settings, which Dynamo cannot trace; afterwards ``best_match_triton`` only
-    looks the op up, which it can."""
-    if interpret not in _OPS:
-        _OPS[interpret] = _op(interpret)
-    return _OPS[interpret]
-
-
-def _op(interpret: bool) -> Any:
-    """``accel::best_match`` as a torch custom op around the kernel, so that ``torch.compile`` traces
-    through it instead of breaking the graph. On CUDA it is a ``triton_op`` (Inductor sees the kernel;
-    its fake implementation comes from the Python body); in the interpreter, whose kernels cannot run
-    on fake tensors, an opaque ``custom_op`` with a registered fake."""
+def _launch(kernel: Any, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     import triton
-    from torch.library import custom_op, register_fake, triton_op, wrap_triton
 
-    kernel = _kernel(interpret)
-    name = f"accel::best_match{'_interpreted' if interpret else ''}"
+    batch, num_a, channels = a.shape
+    best = torch.empty(batch, num_a, device=a.device, dtype=torch.float32)
+    index = torch.empty(batch, num_a, device=a.device, dtype=torch.int64)
+    grid = (batch, triton.cdiv(num_a, BLOCK_A))
+    kernel[grid](a, b, best, index, num_a, b.shape[1], channels, *a.stride(), *b.stride(),
+                 BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_C=max(16, triton.next_power_of_2(channels)))
+    return best, index
 
-    def run(a: torch.Tensor, b: torch.Tensor, launch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        batch, num_a, channels = a.shape
-        best = torch.empty(batch, num_a, device=a.device, dtype=torch.float32)
-        index = torch.empty(batch, num_a, device=a.device, dtype=torch.int64)
-        grid = (batch, triton.cdiv(num_a, BLOCK_A))
-        launch[grid](a, b, best, index, num_a, b.shape[1], channels, *a.stride(), *b.stride(),
-                     BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_C=max(16, triton.next_power_of_2(channels)))
-        return best, index
 
-    if not interpret:
-        @triton_op(name, mutates_args=())
-        def best_match(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            return run(a, b, wrap_triton(kernel))
+def _fake(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return a.new_empty(a.shape[:2], dtype=torch.float32), a.new_empty(a.shape[:2], dtype=torch.int64)
 
-        return best_match
 
-    @custom_op(name, mutates_args=())
-    def best_match_interpreted(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return run(a, b, kernel)
-
-    @register_fake(name)
-    def _(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return a.new_empty(a.shape[:2], dtype=torch.float32), a.new_empty(a.shape[:2], dtype=torch.int64)
-
-    return best_match_interpreted
+_OP = KernelOp("best_match", "(Tensor a, Tensor b) -> (Tensor, Tensor)", _kernel, _launch, _fake)
 
 
 def best_match_triton(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel: ``[B, Na]`` best cosine similarity (float32, accumulated in fp32 whatever the
     input dtype) and its b-index."""
-    from .dispatch import interpreting
-
-    interpret = interpreting()
-    op = _OPS.get(interpret) or _build(interpret)
-    return op(a, b)
+    return _OP(a, b)
