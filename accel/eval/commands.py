@@ -150,7 +150,10 @@ def run_eval(args: argparse.Namespace) -> int:
         shard, subject, judges = _prepare(args, "eval")
     except (ValueError, TypeError) as error:
         return _fail("eval", str(error))
-    record = _evaluate(args, shard, subject, judges, settings, args.seed, subject.images, subject.labels)
+    try:
+        record = _evaluate(args, shard, subject, judges, settings, args.seed, subject.images, subject.labels)
+    finally:
+        shard.close()
     if not shard.is_main:
         return 0  # the main process writes the report
     paths = write_report(record, Path(args.out), grid_rows=args.grid_rows, save_images=args.save_images)
@@ -221,6 +224,8 @@ def run_tune(args: argparse.Namespace) -> int:
                       write=shard.is_main)
     except NoSettingMeetsBudget as error:
         return _fail("tune", str(error), code=1)
+    finally:
+        shard.close()
     if not shard.is_main:
         return 0
     out = Path(args.out)

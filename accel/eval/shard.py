@@ -78,3 +78,14 @@ class Shard:
             from accelerate import PartialState
 
             PartialState().wait_for_everyone()
+
+    def close(self) -> None:
+        """Wait for every process, then take the process group down. A process that exits with the
+        group still up can abort in its teardown ("terminate called without an active exception",
+        seen with two CPU processes on a busy machine), failing the whole launch."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.barrier()
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Tensor ops shared by methods, each a plain-torch reference and a Triton kernel behind one dispatcher.
 
     best, index = accel.kernels.best_match(a, b)                  # the backend chosen for a's device
+    x, size = accel.kernels.weighted_merge(x, size, protected, unm_idx, src_idx, dst_idx)
     accel.kernels.best_match(a, b, backend="torch")               # or ACCEL_KERNELS=torch|triton
     accel.kernels.last_backend("best_match")                      # "torch" or "triton": what ran
 
@@ -15,8 +16,9 @@ import torch
 
 from .dispatch import BACKENDS, last_backend, record, select
 from .matching import best_match_reference, best_match_triton, unit_rows
+from .merging import weighted_merge_reference, weighted_merge_triton
 
-__all__ = ["best_match", "last_backend", "unit_rows", "BACKENDS"]
+__all__ = ["best_match", "weighted_merge", "last_backend", "unit_rows", "BACKENDS"]
 
 
 def best_match(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -33,3 +35,22 @@ def best_match(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = Non
     if chosen == "triton":
         return best_match_triton(a, b)
     return best_match_reference(a, b)
+
+
+def weighted_merge(x: torch.Tensor, size: Optional[torch.Tensor], protected: int, unm_idx: torch.Tensor,
+                   src_idx: torch.Tensor, dst_idx: torch.Tensor, *, backend: Optional[str] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x: [B, N, C]`` by a bipartite matching (``unm_idx [B, Na - r]``, ``src_idx``/``dst_idx
+    [B, r]``, after ``protected`` tokens), each token weighted by ``size [B, N, 1]`` (None: all 1):
+    ``x [B, N - r, C]`` and the summed ``size [B, N - r, 1]``. The reference computes in ``x``'s
+    dtype; the Triton kernel accumulates in fp32 (equal in fp32, within bf16/fp16 rounding else)."""
+    if x.ndim != 3 or src_idx.shape != dst_idx.shape or src_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"weighted_merge: expected x [B, N, C] and src_idx, dst_idx [B, r]; got {tuple(x.shape)}, "
+                         f"{tuple(src_idx.shape)}, {tuple(dst_idx.shape)}")
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    chosen = select("weighted_merge", x, backend)
+    record("weighted_merge", chosen)
+    if chosen == "triton":
+        return weighted_merge_triton(x, size, protected, unm_idx, src_idx, dst_idx)
+    return weighted_merge_reference(x, size, protected, unm_idx, src_idx, dst_idx)

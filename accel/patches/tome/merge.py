@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ...kernels import best_match, unit_rows
+from ...kernels import best_match, unit_rows, weighted_merge
 
 __all__ = ["BipartiteMatch", "unit_rows", "match_sets", "bipartite_soft_matching", "merge_weighted", "merge_source",
            "initial_source"]
@@ -90,7 +90,10 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
     """
     batch, n, _ = metric.shape
     num_a = (n - protected + 1) // 2
-    r = max(0, min(r, num_a))
+    r = max(0, min(r, num_a)) if n - protected > 1 else 0  # a single token has no B token to merge into
+    if r == 0:  # nothing to merge (one token, or r=0): no scores to compute
+        unm_idx = torch.arange(num_a, device=metric.device).expand(batch, -1)
+        return BipartiteMatch(protected, n, unm_idx, unm_idx[:, :0], unm_idx[:, :0])
     with torch.no_grad():
         m = metric[:, protected:]  # best_match normalises the rows
         unm_idx, src_idx, dst_idx = match_sets(m[:, ::2], m[:, 1::2], r)
@@ -105,11 +108,7 @@ def merge_weighted(
 
     Returns the merged ``x: [B, N - r, C]`` and the new ``size: [B, N - r, 1]`` (sizes add up).
     """
-    if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-    x = match.merge(x * size, mode="sum")
-    size = match.merge(size, mode="sum")
-    return x / size, size
+    return weighted_merge(x, size, match.protected, match.unm_idx, match.src_idx, match.dst_idx)
 
 
 def initial_source(batch: int, num_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
