@@ -72,3 +72,14 @@ def test_bench_adaptive_runs_every_method_and_writes_table_and_plot(tmp_path):
            str(tmp_path / "bench_adaptive.json")]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_kernels_writes_each_section_as_it_finishes(tmp_path):
+    out = tmp_path / "kernels.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--quick", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["op"], r["backend"]) for r in rows] == [("best_match", "torch"), ("weighted_merge", "torch")]
+    assert all(r["ms"] > 0 and r["speedup"] == 1.0 for r in rows)  # the CPU times the reference only
+    assert "torch reference only (CPU)" in done.stdout

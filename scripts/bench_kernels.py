@@ -1,0 +1,121 @@
+"""The kernels against their torch references, op by op, at the sizes that matter (issue 14).
+
+Sections, in priority order, each printed and written to ``--out`` (JSON) as it finishes, so a run
+cut off by a time limit still returns what it measured:
+1. ``best_match`` (ToMe's matching scores) at ViT-B/L tokens (197; batch 1/64/256) and SD-1.5
+   latents (4096 and 16384 tokens, batch 2): time, and the peak memory above the inputs (the
+   reference writes the Na x Nb score matrix, the kernel never does).
+2. ``weighted_merge`` at the same sizes with r = a quarter of the tokens: time and achieved memory
+   bandwidth (bytes read and written once over the time).
+
+On a GPU each op runs with ``backend="torch"`` and ``backend="triton"``, interleaved, medians of
+``--repeats`` rounds after a warm-up (CUDA-synchronised). On the CPU only the reference is timed:
+Triton's interpreter is for correctness, not speed.
+
+    python scripts/bench_kernels.py --device cuda --dtype float16 --out /tmp/kernels.json
+    python scripts/bench_kernels.py --quick            # a smoke run (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import accel.kernels as kernels  # noqa: E402
+from accel.eval.report import format_table, machine_description  # noqa: E402
+from accel.eval.timing import time_interleaved  # noqa: E402
+from accel.patches.tome.merge import bipartite_soft_matching  # noqa: E402
+
+# (label, batch, tokens, channels): ViT-B/16 and ViT-L/16 at 224 px (197 tokens; the metric is the
+# keys averaged over heads, 64 channels), SD-1.5's first UNet level at 512 and 1024 px (320 channels).
+SIZES = [("ViT-B b1", 1, 197, 64), ("ViT-B b64", 64, 197, 64), ("ViT-L b256", 256, 197, 64),
+         ("SD 64x64 b2", 2, 4096, 320), ("SD 128x128 b2", 2, 16384, 320)]
+QUICK = [("tiny", 2, 33, 16)]
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _peak(fn: Callable[[], Any], device: torch.device) -> float:
+    """MiB allocated by ``fn`` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def bench_op(name: str, calls: Dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+             bytes_moved: float = 0.0) -> List[Dict[str, Any]]:
+    timings = time_interleaved(calls, repeats=repeats, warmup=2, sync=_sync(device))
+    base = timings["torch"].median_s
+    rows = []
+    for backend, timing in timings.items():
+        seconds = timing.median_s
+        rows.append({"op": name, "backend": backend, "ms": 1000 * seconds, "speedup": base / seconds,
+                     "GB/s": bytes_moved / seconds / 1e9 if bytes_moved else None,
+                     "peak MiB": _peak(calls[backend], device)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="one tiny size, 2 rounds: a smoke run")
+    parser.add_argument("--out", type=Path, default=None, help="JSON record, rewritten after every section")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu" and dtype != torch.float32:
+        parser.error("--dtype float16/bfloat16 is for GPUs")
+    gpu = device.type == "cuda"
+    sizes, repeats = (QUICK, 2) if args.quick else (SIZES, args.repeats)
+    record: Dict[str, Any] = {"machine": machine_description(device=device), "dtype": args.dtype,
+                              "command": " ".join(["python scripts/bench_kernels.py"] + sys.argv[1:]), "rows": []}
+    print(f"{record['machine']}; {args.dtype}; {'torch vs triton' if gpu else 'torch reference only (CPU)'}")
+
+    def save(rows: List[Dict[str, Any]], section: str) -> None:
+        record["rows"] += rows
+        print(f"\n{section}\n" + format_table(rows, [
+            ("size", "size", ""), ("op", "op", ""), ("backend", "backend", ""), ("ms", "ms", ".3f"),
+            ("speedup", "vs torch", ".2f"), ("GB/s", "GB/s", ".0f"), ("peak MiB", "peak MiB", ".1f")],
+            style="text"), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+    g = torch.Generator().manual_seed(0)
+    backends = ("torch", "triton") if gpu else ("torch",)
+    rows = []
+    for label, batch, n, c in sizes:  # 1. matching scores
+        a = torch.randn(batch, (n + 1) // 2, c, generator=g).to(device, dtype)
+        b = torch.randn(batch, n // 2, c, generator=g).to(device, dtype)
+        calls = {k: (lambda k=k: kernels.best_match(a, b, backend=k)) for k in backends}
+        rows += [{"size": label, **row} for row in bench_op("best_match", calls, device, repeats)]
+    save(rows, "best_match")
+
+    rows = []
+    for label, batch, n, c in sizes:  # 2. size-weighted merge, r = a quarter of the tokens
+        x = torch.randn(batch, n, c, generator=g).to(device, dtype)
+        size = torch.ones(batch, n, 1, device=device, dtype=dtype)
+        match = bipartite_soft_matching(x, n // 4, protected=1 if n % 2 else 0)
+        args_ = (x, size, match.protected, match.unm_idx, match.src_idx, match.dst_idx)
+        moved = (x.numel() + (x.shape[1] - match.r) * batch * c) * x.element_size()  # read x, write the merge
+        calls = {k: (lambda k=k: kernels.weighted_merge(*args_, backend=k)) for k in backends}
+        rows += [{"size": label, **row} for row in bench_op("weighted_merge", calls, device, repeats, moved)]
+    save(rows, "weighted_merge")
+
+
+if __name__ == "__main__":
+    main()
