@@ -61,7 +61,8 @@ def test_half_precision_accumulates_in_fp32(dtype):
     assert ((out.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
 
 
-def test_the_dispatcher_and_tome_on_the_kernel(monkeypatch):
+def test_the_dispatcher_and_tome_on_both_kernels(monkeypatch):
+    """ToMe on a ViT with ACCEL_KERNELS=triton: both ops on the kernels, the reference's merges."""
     import accel
     from tests.conftest import images, make_vit
 
