@@ -38,6 +38,17 @@ def methods_for_generation(tome: float, tome_mode: str, deepcache: int, branch: 
     return methods
 
 
+def controls_for(model: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """What the text-to-image tab shows for ``model`` (updates of the DeepCache interval, its branch
+    and the RegionCache ratio): DeepCache for UNet pipelines, RegionCache for DiTs, both for a
+    pipeline of yours (whichever does not apply says so when run)."""
+    if model == "fashion-sd":
+        return {"visible": True, "value": 3}, {"visible": True}, {"visible": False, "value": 0}
+    if model == "fashion-dit":
+        return {"visible": False, "value": 0}, {"visible": False}, {"visible": True, "value": 0.5}
+    return {"visible": True}, {"visible": True}, {"visible": True}
+
+
 def methods_for_classification(method: str, tome_r: float, keep: float, threshold: float) -> Dict[str, Any]:
     """``accel.patch`` keywords for the classification tab's training-free methods and their values."""
     if method == "ToMe":
@@ -273,7 +284,9 @@ def build_app(demo: Optional[Demo] = None, tuned: Sequence[Path] = ()) -> Any:
                 tome_mode = gr.Radio(["merge", "downsample"], value="merge", label="ToMe mode")
                 deepcache = gr.Slider(0, 10, 3, step=1, label="DeepCache interval (0: off; UNets)", elem_id="deepcache")
                 branch = gr.Number(0, label="DeepCache branch", precision=0)
-                region = gr.Slider(0, 1, 0, step=0.05, label="RegionCache ratio (0: off; DiTs)")
+                region = gr.Slider(0, 1, 0, step=0.05, label="RegionCache ratio (0: off; DiTs)", visible=False)
+            model.change(lambda name: tuple(gr.update(**u) for u in controls_for(name)), model,
+                         [deepcache, branch, region])
             if presets:
                 preset = gr.Dropdown(list(presets), label="presets from accel tune")
                 preset.change(lambda name: _preset_controls(presets[name]), preset,

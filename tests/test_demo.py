@@ -165,3 +165,22 @@ def test_the_page_opens_no_connection_outside_localhost(browser, url):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "demo-classify.png"), full_page=True)
     page.close()
+
+
+def test_choosing_the_dit_shows_regioncache_and_runs_it(browser, url):
+    page = browser.new_page()
+    page.goto(url)
+    model = page.locator("#model input")
+    model.fill("fashion-dit")
+    model.press("Enter")
+    page.get_by_text("RegionCache ratio (0: off; DiTs)").wait_for()  # shown for a DiT; DeepCache hidden
+    assert not page.locator("#deepcache").is_visible()
+    page.locator("#prompt textarea").fill("sneaker")
+    box = page.locator("#steps input[type=number]")
+    box.fill(str(STEPS))
+    box.press("Enter")
+    page.locator("#run-generate").click()
+    page.wait_for_function("document.querySelector('#timing-generate')?.innerText.includes('region_cache')",
+                           timeout=120_000)
+    assert "RegionCache" in page.locator("#captions-generate").inner_text()
+    page.close()

@@ -64,6 +64,16 @@ def test_regioncache_on_a_dit_and_errors_in_the_page(demo):
     assert accel.describe(demo.pipeline("fashion-sd"))["methods"] == {}
 
 
+def test_the_controls_follow_the_model():
+    from accel.demo import controls_for
+
+    deepcache, branch, region = controls_for("fashion-dit")  # a DiT: RegionCache, no DeepCache
+    assert (deepcache, region) == ({"visible": False, "value": 0}, {"visible": True, "value": 0.5})
+    deepcache, branch, region = controls_for("fashion-sd")
+    assert deepcache["visible"] and not region["visible"] and region["value"] == 0
+    assert all(c["visible"] for c in controls_for("/my/pipeline"))
+
+
 def test_controls_map_to_patch_keywords():
     assert methods_for_generation(0, "merge", 0, 0, 0) == {}
     assert methods_for_generation(0.5, "merge", 3, 1, 0) == {"tome": {"ratio": 0.5},
