@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Union
 
 __all__ = ["Setting", "UNPATCHED", "parse_setting", "parse_settings"]
 
@@ -119,10 +119,3 @@ def parse_settings(texts: Iterable[Any], baseline: bool = True) -> List[Setting]
         raise ValueError(f"settings: {', '.join(repeated)} given more than once")
     return settings
 
-
-def labels_of(settings: Sequence[Setting]) -> List[str]:
-    return [s.label for s in settings]
-
-
-def find(settings: Sequence[Setting], label: str) -> Optional[Setting]:
-    return next((s for s in settings if s.label == label), None)
