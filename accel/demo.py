@@ -135,18 +135,16 @@ class Demo:
                 raise ValueError(NO_METHOD)
             parse_setting(methods)  # every value checked before the model runs
             pipe = self.pipeline(model)
-            text, postprocess = prompt.strip(), None
-            if model in PIPELINES:
-                from .pipelines.fashion_sd import from_vae_range
+            from .eval.evaluation import to_uint8
+            from .pipelines.fashion_sd import pipeline_images
 
-                postprocess = (lambda x: from_vae_range(x * 2 - 1))
+            text, postprocess = prompt.strip(), (pipeline_images if model in PIPELINES else to_uint8)
             if hasattr(pipe, "get_label_ids"):  # class-conditional: the class name, "a photo of a" optional
                 text = text.removeprefix("a photo of a ").removeprefix("a photo of an ")
                 if text not in pipe.labels:
                     raise ValueError(f"prompt: {model} draws classes; one of {', '.join(sorted(pipe.labels))}")
-            options = {"postprocess": postprocess} if postprocess else {}
             outcome = self.runner.generate(pipe, text, methods, seed=int(seed), steps=int(steps),
-                                           guidance=float(guidance), **options)
+                                           guidance=float(guidance), postprocess=postprocess)
         except (ValueError, TypeError) as error:
             return None, None, "", None, "", f"**Error:** {error}"
         from .eval.side_by_side import enlarge

@@ -155,20 +155,19 @@ def bench_dit(args: argparse.Namespace) -> List[Dict[str, Any]]:
     fraction fashion-vit labels as the requested class (``accel.eval.evaluate``, one image of each
     class per timed call, prompt i drawn with seed ``--seed`` + i)."""
     from accel.eval.evaluation import Judges, evaluate
+    from accel.eval.inputs import load_subject
     from accel.eval.spec import Setting
     from accel.pipelines import FASHION_CLASSES, load
-    from accel.pipelines.fashion_sd import from_vae_range
     from accel.pipelines.fashion_vit import preprocess
 
     vit = load("fashion-vit")
     settings = [Setting(f"region_cache {ratio}", {"region_cache": ratio}) for ratio in args.region_cache]
     print(f"fashion-dit: {len(settings) + 1} variants x {args.dit_repeats} rounds, {args.dit_steps} steps", flush=True)
-    classes = torch.arange(len(FASHION_CLASSES)).repeat(args.dit_per_class)
-    judges = Judges(classifier=lambda x: vit(preprocess(x)), classifier_name="fashion-vit", labels=classes)
-    record = evaluate(load("fashion-dit"), settings, prompts=[FASHION_CLASSES[int(c)] for c in classes],
-                      seed=args.seed, steps=args.dit_steps, guidance=args.dit_guidance, batch=len(FASHION_CLASSES),
-                      repeats=args.dit_repeats, judges=judges, postprocess=lambda x: from_vae_range(x * 2 - 1),
-                      name="fashion-dit")
+    dit = load_subject("fashion-dit", per_class=args.dit_per_class)
+    judges = Judges(classifier=lambda x: vit(preprocess(x)), classifier_name="fashion-vit", labels=dit.labels)
+    record = evaluate(dit.model, settings, prompts=dit.prompts, seed=args.seed, steps=args.dit_steps,
+                      guidance=args.dit_guidance, batch=len(FASHION_CLASSES), repeats=args.dit_repeats,
+                      judges=judges, postprocess=dit.postprocess, name="fashion-dit")
     return [{**row, "steps": args.dit_steps} for row in record["rows"]]
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 import accel
 from accel.eval.side_by_side import enlarge
 from accel.pipelines import load
-from accel.pipelines.fashion_sd import from_vae_range
+from accel.pipelines.fashion_sd import pipeline_images
 
 CHROMIUM = "/usr/bin/chromium"
 STEPS, SEED = 4, 7
@@ -63,7 +63,7 @@ def reference(pipe, prompt: str, seed: int, **methods) -> np.ndarray:
     def draw(p):
         out = p([prompt], num_inference_steps=STEPS, guidance_scale=3.0, output_type="pt",
                 generator=[torch.Generator().manual_seed(seed)]).images
-        return enlarge(from_vae_range(out * 2 - 1)[0])
+        return enlarge(pipeline_images(out)[0])
 
     if not methods:
         return draw(pipe)

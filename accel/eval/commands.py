@@ -122,9 +122,9 @@ def _prepare(args: argparse.Namespace, command: str):
         limit += args.held_out
     subject = load_subject(args.model, prompts=args.prompts, per_class=args.per_class, images=args.images,
                            checkpoint=args.checkpoint, limit=limit, model_kwargs=args.model_kwargs)
-    judges = make_judges(subject, clip_model=args.clip_model, reference=args.reference,
-                         reference_limit=args.reference_limit, fid=not args.no_fid,
-                         resamples=args.fid_resamples) if subject.kind == "generator" else None
+    judges = make_judges(clip_model=args.clip_model, reference=args.reference, reference_limit=args.reference_limit,
+                         fid=not args.no_fid, resamples=args.fid_resamples,
+                         labels=subject.labels if subject.built_in else None) if subject.kind == "generator" else None
     return shard, subject, judges
 
 

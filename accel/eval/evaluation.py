@@ -172,7 +172,7 @@ def evaluate(model: Any, settings: Sequence[Any], *, prompts: Optional[Sequence[
     if not shard.is_main:  # the main process scores; the others get its rows (``tune`` goes on everywhere)
         record = next(r for r in shard.gather(None) if r is not None)
         return {**record, "images": None}
-    record = _score(settings, gathered, work, count, models, generator, prompts, labels, seed, judges, progress)
+    record = _score(settings, gathered, work, count, generator, prompts, labels, seed, judges, progress)
     record["meta"].update(model=name or type(model).__name__, batch=batch, world=shard.world, device=str(device),
                           threads=torch.get_num_threads(), repeats=repeats)
     if generator:
@@ -182,20 +182,20 @@ def evaluate(model: Any, settings: Sequence[Any], *, prompts: Optional[Sequence[
 
 
 def _score(settings: Sequence[Setting], gathered: List[Dict[str, Any]], work: List[range], count: int,
-           models: Dict[str, Any], generator: bool, prompts: Optional[Sequence[str]],
+           generator: bool, prompts: Optional[Sequence[str]],
            labels: Optional[torch.Tensor], seed: int, judges: Optional[Judges], progress: Optional[str]
            ) -> Dict[str, Any]:
     """The record from every process's outputs: images (or logits) in prompt order, the rank that
     made each, and the rows."""
     ranks = [None] * count
-    merged: Dict[str, List[torch.Tensor]] = {label: [] for label in models}
+    merged: Dict[str, List[torch.Tensor]] = {s.label: [] for s in settings}
     by_batch = {i: (part["rank"], out) for part in gathered for i, out in part["outputs"].items()}
     for i, index in enumerate(work):
         rank, out = by_batch[i]
         for j in index:
             ranks[j] = rank
-        for label in models:
-            merged[label].append(out[label])
+        for label, parts in merged.items():
+            parts.append(out[label])
     results = {label: torch.cat(parts) for label, parts in merged.items()}
     readings = [part["timing"] for part in gathered if part["timing"] is not None]
     from .scores import classifier_rows, generator_rows

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .evaluation import Judges, to_uint8
 
-__all__ = ["Subject", "load_subject", "read_prompts", "read_image_folder", "make_judges", "BUILT_IN_EVAL"]
+__all__ = ["Subject", "class_prompts", "load_subject", "read_prompts", "read_image_folder", "make_judges", "BUILT_IN_EVAL"]
 
 BUILT_IN_EVAL = ("fashion-sd", "fashion-dit", "fashion-vit")
 
@@ -89,22 +89,32 @@ def _classifier_folder(model: torch.nn.Module, path: str, limit: Optional[int]) 
     return torch.stack([x for x, _ in pairs]), torch.tensor([int(y) for _, y in pairs])
 
 
+def class_prompts(model: str, per_class: int) -> Tuple[List[str], torch.Tensor]:
+    """The built-in pipelines' prompts, ``per_class`` of each Fashion-MNIST class, and the class of
+    each: "a photo of a bag" for fashion-sd, the class name ("bag") for the class-conditional
+    fashion-dit. Classes tiled, so that any 10 consecutive prompts (a batch, the timed one) hold
+    one of each."""
+    from ..pipelines import FASHION_CLASSES, prompt_for
+
+    classes = torch.arange(len(FASHION_CLASSES)).repeat(per_class)
+    prompts = [prompt_for(int(c)) if model == "fashion-sd" else FASHION_CLASSES[int(c)] for c in classes]
+    return prompts, classes
+
+
 def load_subject(model: str, *, prompts: Optional[str] = None, per_class: int = 2, images: Optional[str] = None,
                  checkpoint: Optional[str] = None, limit: Optional[int] = None,
                  model_kwargs: Optional[Dict[str, Any]] = None) -> Subject:
     """The ``Subject`` for ``--model`` (see the module docstring); ``ValueError`` saying what is wrong.
     A timm classifier is built with as many classes as ``images`` has sub-folders and with
     ``model_kwargs`` (``img_size`` ...), then ``checkpoint`` is loaded into it."""
-    from ..pipelines import FASHION_CLASSES, load, load_test_subset, prompt_for
+    from ..pipelines import load, load_test_subset
 
     text = read_prompts(prompts) if prompts else None  # a bad prompt file fails before any model loads
     if model in ("fashion-sd", "fashion-dit"):
-        from ..pipelines.fashion_sd import from_vae_range
+        from ..pipelines.fashion_sd import pipeline_images
 
-        classes = torch.arange(len(FASHION_CLASSES)).repeat(per_class)  # tiled: a batch of 10 has every class
-        subject = Subject(model, load(model), "generator", [prompt_for(int(c)) if model == "fashion-sd"
-                                                            else FASHION_CLASSES[int(c)] for c in classes],
-                          classes, guidance=3.0, postprocess=lambda x: from_vae_range(x * 2 - 1), built_in=True)
+        subject = Subject(model, load(model), "generator", *class_prompts(model, per_class), guidance=3.0,
+                          postprocess=pipeline_images, built_in=True)
         if text:
             subject.prompts, subject.labels = text, None
         return subject
@@ -147,11 +157,13 @@ def load_subject(model: str, *, prompts: Optional[str] = None, per_class: int = 
     return Subject(model, pipe, "generator", text)
 
 
-def make_judges(subject: Subject, *, clip_model: Optional[str] = None, reference: Optional[str] = None,
-                reference_limit: Optional[int] = None, fid: bool = True, resamples: int = 200) -> Judges:
+def make_judges(*, clip_model: Optional[str] = None, reference: Optional[str] = None,
+                reference_limit: Optional[int] = None, fid: bool = True, resamples: int = 200,
+                labels: Optional[torch.Tensor] = None) -> Judges:
     """CLIP (``clip_model``: a local CLIP folder or cached id; default fashion-clip), the standard FID
     features when their weights are installed, a reference set (its first ``reference_limit``
-    images), and for the built-in pipelines' class prompts the fashion-vit classifier."""
+    images), and, given the Fashion-MNIST class of each prompt (``labels``: the built-in
+    pipelines' class prompts), the fashion-vit classifier."""
     from .clip_score import ClipScorer
 
     judges = Judges(fid_resamples=resamples)
@@ -187,11 +199,11 @@ def make_judges(subject: Subject, *, clip_model: Optional[str] = None, reference
         judges.reference_name += f" ({len(judges.reference)} images)"
         if judges.features is None:
             judges.notes.append("FID against the reference not computed: no Inception weights")
-    if subject.built_in and subject.labels is not None:
+    if labels is not None:
         from ..pipelines import load
         from ..pipelines.fashion_vit import preprocess
 
         vit = load("fashion-vit")
-        judges.classifier, judges.labels = (lambda x: vit(preprocess(x))), subject.labels
+        judges.classifier, judges.labels = (lambda x: vit(preprocess(x))), labels
         judges.classifier_name = "fashion-vit (the class asked for)"
     return judges

@@ -50,8 +50,7 @@ def table(record: Dict[str, Any], style: str = "markdown") -> str:
     """The record's rows as a table; columns no row has a value for are left out."""
     rows = [_flat(r) for r in record["rows"]]
     columns = GENERATOR_COLUMNS if record["meta"]["kind"] == "generator" else CLASSIFIER_COLUMNS
-    columns = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
-    return format_table(rows, columns, style=style)
+    return format_table(rows, columns, style=style, drop_empty=True)
 
 
 def plot_record(record: Dict[str, Any], folder: Path) -> List[Path]:
@@ -65,7 +64,7 @@ def plot_record(record: Dict[str, Any], folder: Path) -> List[Path]:
     plots = PLOTS + ([(tune["metric"], "top-1 accuracy drop (points)", False, None)]
                      if tune.get("metric") == "accuracy_drop" else [])
     for key, label, higher, interval in plots:
-        if sum(r.get(key) is not None for r in rows) < 1:
+        if not any(r.get(key) is not None for r in rows):
             continue
         marks = dict(budget=tune.get("bound"), chosen=tune.get("chosen")) if tune.get("metric") == key else {}
         paths.append(tradeoff_plot(rows, Path(folder) / f"speedup-vs-{key.replace('_value', '')}.png", y=key,

@@ -50,10 +50,14 @@ def _cell(value: Any, spec: str) -> str:
     return format(value, spec) if spec else str(value)
 
 
-def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column], style: str = "markdown") -> str:
-    """Render ``rows`` (dicts) with ``columns``; ``style`` is ``markdown`` or ``text``."""
+def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column], style: str = "markdown",
+                 drop_empty: bool = False) -> str:
+    """Render ``rows`` (dicts) with ``columns``; ``style`` is ``markdown`` or ``text``;
+    ``drop_empty`` leaves out the columns no row has a value for."""
     if style not in ("markdown", "text"):
         raise ValueError(f"style must be 'markdown' or 'text'; got {style!r}")
+    if drop_empty:
+        columns = [c for c in columns if any(row.get(c[0]) is not None for row in rows)]
     header = [title for _, title, _ in columns]
     body = [[_cell(row.get(key), spec) for key, _, spec in columns] for row in rows]
     if style == "markdown":

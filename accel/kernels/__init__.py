@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .dispatch import BACKENDS, last_backend, record, select
+from .dispatch import BACKENDS, last_backend, select
 from .matching import best_match_reference, best_match_triton, unit_rows
 from .merging import weighted_merge_reference, weighted_merge_triton
 
@@ -31,7 +31,6 @@ def best_match(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = Non
     if b.shape[1] == 0:
         raise ValueError("best_match: b has no rows to match to")
     chosen = select("best_match", a, backend)
-    record("best_match", chosen)
     if chosen == "triton":
         return best_match_triton(a, b)
     return best_match_reference(a, b)
@@ -50,7 +49,6 @@ def weighted_merge(x: torch.Tensor, size: Optional[torch.Tensor], protected: int
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
     chosen = select("weighted_merge", x, backend)
-    record("weighted_merge", chosen)
     if chosen == "triton":
         return weighted_merge_triton(x, size, protected, unm_idx, src_idx, dst_idx)
     return weighted_merge_reference(x, size, protected, unm_idx, src_idx, dst_idx)

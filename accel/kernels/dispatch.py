@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "select", "last_backend", "triton_available", "interpreting", "record"]
+__all__ = ["BACKENDS", "select", "last_backend", "triton_available", "interpreting"]
 
 BACKENDS = ("torch", "triton")
 _LAST: Dict[str, str] = {}  # op -> the backend of its latest call: a diagnostic record, not per-call state
@@ -38,7 +38,14 @@ def interpreting() -> bool:
 
 
 def select(op: str, tensor: torch.Tensor, backend: Optional[str] = None) -> str:
-    """The backend ``op`` runs with on ``tensor``'s device: ``backend``, else ``ACCEL_KERNELS``, else automatic."""
+    """The backend ``op`` runs with on ``tensor``'s device: ``backend``, else ``ACCEL_KERNELS``, else
+    automatic; recorded as ``op``'s latest (``last_backend``)."""
+    chosen = _choose(op, tensor, backend)
+    _LAST[op] = chosen
+    return chosen
+
+
+def _choose(op: str, tensor: torch.Tensor, backend: Optional[str]) -> str:
     asked = backend if backend is not None else os.environ.get("ACCEL_KERNELS") or None
     if asked is not None and asked not in BACKENDS:
         source = "backend" if backend is not None else "ACCEL_KERNELS"
@@ -53,10 +60,6 @@ def select(op: str, tensor: torch.Tensor, backend: Optional[str] = None) -> str:
                              f"(its interpreter); got a {tensor.device.type} tensor")
         return "triton"
     return "triton" if tensor.device.type == "cuda" and triton_available() else "torch"
-
-
-def record(op: str, backend: str) -> None:
-    _LAST[op] = backend
 
 
 def last_backend(op: str) -> Optional[str]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .data import ASSETS, FASHION_CLASSES, prompt_for
 
-__all__ = ["IMAGE_SIZE", "PAD", "to_vae_range", "from_vae_range", "build_vae", "build_unet",
+__all__ = ["IMAGE_SIZE", "PAD", "to_vae_range", "from_vae_range", "pipeline_images", "build_vae", "build_unet",
            "noise_scheduler_config", "encode_latents", "training_noise", "assemble_pipeline", "load_fashion_sd",
            "generate", "generated_class_accuracy", "write_generation_metrics"]
 
@@ -36,6 +36,12 @@ def from_vae_range(x: torch.Tensor) -> torch.Tensor:
     """float ``[N, 1, 32, 32]`` in [-1, 1] -> uint8 ``[N, 28, 28]`` (the padding cropped)."""
     x = x[:, 0, PAD:IMAGE_SIZE - PAD, PAD:IMAGE_SIZE - PAD]
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def pipeline_images(images: torch.Tensor) -> torch.Tensor:
+    """A built-in pipeline's ``output_type="pt"`` images, float ``[N, 1, 32, 32]`` in [0, 1] ->
+    uint8 ``[N, 28, 28]``: the ``postprocess`` that ``accel eval`` and the demo give these pipelines."""
+    return from_vae_range(images * 2 - 1)
 
 
 def build_vae():
@@ -127,7 +133,7 @@ def generate(pipe: Any, labels: torch.Tensor, steps: int, guidance: float, seed:
         else:
             out = pipe([prompt_for(c) for c in chunk], num_inference_steps=steps, guidance_scale=guidance,
                        output_type="pt", generator=generator).images
-        images.append(from_vae_range(out * 2 - 1))  # out: [B, 1, 32, 32] in [0, 1]
+        images.append(pipeline_images(out))
     return torch.cat(images)
 
 
