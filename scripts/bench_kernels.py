@@ -7,6 +7,9 @@ cut off by a time limit still returns what it measured:
    reference writes the Na x Nb score matrix, the kernel never does).
 2. ``weighted_merge`` at the same sizes with r = a quarter of the tokens: time and achieved memory
    bandwidth (bytes read and written once over the time).
+3. attention with an additive per-key bias (proportional attention's log size): PyTorch's
+   ``scaled_dot_product_attention`` without a mask (the flash path, the floor), with the bias as a
+   float mask, and FlexAttention with a ``score_mod`` adding it (GPU only).
 
 On a GPU each op runs with ``backend="torch"`` and ``backend="triton"``, interleaved, medians of
 ``--repeats`` rounds after a warm-up (CUDA-synchronised). On the CPU only the reference is timed:
@@ -60,13 +63,26 @@ def bench_op(name: str, calls: Dict[str, Callable[[], Any]], device: torch.devic
              bytes_moved: float = 0.0) -> List[Dict[str, Any]]:
     timings = time_interleaved(calls, repeats=repeats, warmup=2, sync=_sync(device))
     base = timings["torch"].median_s
+    reference = calls["torch"]()
     rows = []
     for backend, timing in timings.items():
         seconds = timing.median_s
         rows.append({"op": name, "backend": backend, "ms": 1000 * seconds, "speedup": base / seconds,
                      "GB/s": bytes_moved / seconds / 1e9 if bytes_moved else None,
-                     "peak MiB": _peak(calls[backend], device)})
+                     "peak MiB": _peak(calls[backend], device), **_difference(calls[backend](), reference)})
     return rows
+
+
+def _difference(out: Any, reference: Any) -> Dict[str, float]:
+    """Against the reference's outputs: the largest difference of the float tensors and the share of
+    integer entries (indices) that differ."""
+    err, mismatched = 0.0, 0.0
+    for got, want in zip(out, reference):
+        if got.is_floating_point():
+            err = max(err, (got.float() - want.float()).abs().max().item())
+        else:
+            mismatched = max(mismatched, (got != want).float().mean().item())
+    return {"max err": err, "index mismatch": mismatched}
 
 
 def main() -> None:
@@ -76,13 +92,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one tiny size, 2 rounds: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="JSON record, rewritten after every section")
+    parser.add_argument("--sections", default="match,merge,attention", help="comma-separated, in the order to run")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         parser.error("--dtype float16/bfloat16 is for GPUs")
     gpu = device.type == "cuda"
     sizes, repeats = (QUICK, 2) if args.quick else (SIZES, args.repeats)
-    record: Dict[str, Any] = {"machine": machine_description(device=device), "dtype": args.dtype,
+    record: Dict[str, Any] = {"machine": machine_description(*(("triton",) if gpu else ()), device=device), "dtype": args.dtype,
                               "command": " ".join(["python scripts/bench_kernels.py"] + sys.argv[1:]), "rows": []}
     print(f"{record['machine']}; {args.dtype}; {'torch vs triton' if gpu else 'torch reference only (CPU)'}")
 
@@ -90,23 +107,45 @@ def main() -> None:
         record["rows"] += rows
         print(f"\n{section}\n" + format_table(rows, [
             ("size", "size", ""), ("op", "op", ""), ("backend", "backend", ""), ("ms", "ms", ".3f"),
-            ("speedup", "vs torch", ".2f"), ("GB/s", "GB/s", ".0f"), ("peak MiB", "peak MiB", ".1f")],
+            ("speedup", "vs torch", ".2f"), ("GB/s", "GB/s", ".0f"), ("peak MiB", "peak MiB", ".1f"),
+            ("max err", "max err", ".2e"), ("index mismatch", "index mismatch", ".4f")],
             style="text"), flush=True)
         if args.out:
             args.out.write_text(json.dumps(record, indent=2) + "\n")
 
     g = torch.Generator().manual_seed(0)
     backends = ("torch", "triton") if gpu else ("torch",)
+    sections = {"match": lambda: bench_matching(sizes, backends, device, dtype, repeats, g),
+                "merge": lambda: bench_merging(sizes, backends, device, dtype, repeats, g),
+                "attention": lambda: bench_attention(ATTENTION_QUICK if args.quick else ATTENTION, device, dtype,
+                                                     repeats, g)}
+    for name in args.sections.split(","):
+        if name not in sections:
+            parser.error(f"--sections: {name!r} is not one of {', '.join(sections)}")
+        if name == "attention" and not gpu:
+            continue
+        try:
+            save(sections[name](), name)
+        except Exception as error:  # a section that fails on this machine must not cost the others
+            print(f"\n{name}: failed: {type(error).__name__}: {error}", flush=True)
+            record.setdefault("failed", {})[name] = f"{type(error).__name__}: {error}"
+
+
+def bench_matching(sizes, backends, device, dtype, repeats, g) -> List[Dict[str, Any]]:
+    """1. matching scores"""
     rows = []
-    for label, batch, n, c in sizes:  # 1. matching scores
+    for label, batch, n, c in sizes:
         a = torch.randn(batch, (n + 1) // 2, c, generator=g).to(device, dtype)
         b = torch.randn(batch, n // 2, c, generator=g).to(device, dtype)
         calls = {k: (lambda k=k: kernels.best_match(a, b, backend=k)) for k in backends}
         rows += [{"size": label, **row} for row in bench_op("best_match", calls, device, repeats)]
-    save(rows, "best_match")
+    return rows
 
+
+def bench_merging(sizes, backends, device, dtype, repeats, g) -> List[Dict[str, Any]]:
+    """2. size-weighted merge, r = a quarter of the tokens"""
     rows = []
-    for label, batch, n, c in sizes:  # 2. size-weighted merge, r = a quarter of the tokens
+    for label, batch, n, c in sizes:
         x = torch.randn(batch, n, c, generator=g).to(device, dtype)
         size = torch.ones(batch, n, 1, device=device, dtype=dtype)
         match = bipartite_soft_matching(x, n // 4, protected=1 if n % 2 else 0)
@@ -114,8 +153,56 @@ def main() -> None:
         moved = (x.numel() + (x.shape[1] - match.r) * batch * c) * x.element_size()  # read x, write the merge
         calls = {k: (lambda k=k: kernels.weighted_merge(*args_, backend=k)) for k in backends}
         rows += [{"size": label, **row} for row in bench_op("weighted_merge", calls, device, repeats, moved)]
-    save(rows, "weighted_merge")
+    return rows
 
+
+# (label, batch, heads, tokens, head_dim): ViT-B/16 after one ToMe r=16 merge, ViT-L/16 at batch 256,
+# SD-1.5's first UNet level at 512 and 1024 px (8 heads of 40 channels)
+ATTENTION = [("ViT-B b64", 64, 12, 181, 64), ("ViT-L b256", 256, 16, 181, 64),
+             ("SD 64x64 b2", 2, 8, 4096, 40), ("SD 128x128 b2", 2, 8, 16384, 40)]
+ATTENTION_QUICK = [("tiny", 2, 2, 33, 16)]
+
+
+def bench_attention(sizes, device, dtype, repeats, g) -> List[Dict[str, Any]]:
+    """3. attention with a per-key additive bias: SDPA without a mask (the floor), SDPA with the bias
+    as a float mask, FlexAttention with a score_mod; the row ``speedup`` is against the float mask."""
+    import torch.nn.functional as F
+
+    rows = []
+    flex = None
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception as error:  # older torch
+        print(f"FlexAttention unavailable: {error}", flush=True)
+    for label, batch, heads, n, d in sizes:
+        q, k, v = (torch.randn(batch, heads, n, d, generator=g).to(device, dtype) for _ in range(3))
+        size = torch.randint(1, 5, (batch, n), generator=g).to(device)
+        bias = size.log().to(dtype)
+        mask = bias[:, None, None, :]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, kv_idx]
+
+        calls = {"sdpa float mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                 "sdpa no mask": lambda: F.scaled_dot_product_attention(q, k, v)}
+        if flex is not None:
+            calls["flex score_mod"] = lambda: flex(q, k, v, score_mod=score_mod)
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
+        errors = {}
+        for name, fn in list(calls.items()):
+            try:
+                errors[name] = (fn().float() - reference).abs().max().item()
+            except Exception as error:
+                print(f"{label} {name}: failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                calls.pop(name)
+        timings = time_interleaved(calls, repeats=repeats, warmup=2, sync=_sync(device))
+        base = timings["sdpa float mask"].median_s
+        for name, timing in timings.items():
+            rows.append({"size": label, "op": "attention", "backend": name, "ms": 1000 * timing.median_s,
+                         "speedup": base / timing.median_s, "max err": errors[name]})
+    return rows
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ package for the first):
 
     python scripts/gpu_probe.py deepcache   # per-step times of DeepCache N=3/5, ours against the reference
     python scripts/gpu_probe.py compile     # ToMe r=16 on ViT-B/16, batch 64, fp16: eager and torch.compile
+    python scripts/gpu_probe.py profile     # where the time goes: ToMe r=16 on ViT-B/16, batch 64, fp16
 
 deepcache: SD-1.5-configuration UNet (seeded random weights), fp16, 10-step DDIM at 512 px, batch
 1; the scheduler's ``step`` is wrapped to synchronise and take a timestamp, so each step's time is
@@ -113,10 +114,52 @@ def tome_compiled(name: str = "vit_base_patch16_224", batch: int = 64, r: int = 
     return out
 
 
+def tome_profile(name: str = "vit_base_patch16_224", batch: int = 64, r: int = 16, rows: int = 18) -> dict:
+    """Unpatched and ToMe-patched (kernels on Triton, then on the torch reference) timed
+    interleaved, then one forward of each under ``torch.profiler``: the CUDA kernels that take the
+    time, so that a missed target comes with where its time goes."""
+    import os
+
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    base = timm.create_model(name).eval().to("cuda", torch.float16)
+    tome = accel.patch(copy.deepcopy(base), tome=r)
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
+
+    def with_kernels(backend):
+        def run():
+            old = os.environ.get("ACCEL_KERNELS")
+            os.environ["ACCEL_KERNELS"] = backend
+            try:
+                return tome(x)
+            finally:
+                os.environ.pop("ACCEL_KERNELS") if old is None else os.environ.__setitem__("ACCEL_KERNELS", old)
+        return run
+
+    calls = {"unpatched": lambda: base(x), f"tome r={r} triton": with_kernels("triton"),
+             f"tome r={r} torch": with_kernels("torch")}
+    out = {}
+    with torch.inference_mode():
+        timings = time_interleaved(calls, repeats=15, warmup=2, items_per_call=batch, sync=torch.cuda.synchronize)
+        out["img/s"] = {k: round(t.items_per_s, 1) for k, t in timings.items()}
+        print(json.dumps({f"{name} batch {batch} fp16": out["img/s"]}), flush=True)
+        for label, fn in calls.items():
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+            out[label] = table
+            print(f"--- {label}\n{table}", flush=True)
+    return out
+
+
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("gpu_probe.py needs a CUDA device")
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what not in ("deepcache", "compile"):
-        raise SystemExit("usage: python scripts/gpu_probe.py deepcache|compile")
-    deepcache_steps() if what == "deepcache" else tome_compiled()
+    probes = {"deepcache": deepcache_steps, "compile": tome_compiled, "profile": tome_profile}
+    if what not in probes:
+        raise SystemExit(f"usage: python scripts/gpu_probe.py {'|'.join(probes)}")
+    probes[what]()

@@ -39,14 +39,14 @@ def _kernel() -> Any:
     return best_match_kernel
 
 
-def _launch(kernel: Any, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _launch(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     import triton
 
     batch, num_a, channels = a.shape
     best = torch.empty(batch, num_a, device=a.device, dtype=torch.float32)
     index = torch.empty(batch, num_a, device=a.device, dtype=torch.int64)
     grid = (batch, triton.cdiv(num_a, BLOCK_A))
-    kernel[grid](a, b, best, index, num_a, b.shape[1], channels, *a.stride(), *b.stride(),
+    _OP.jit()[grid](a, b, best, index, num_a, b.shape[1], channels, *a.stride(), *b.stride(),
                  BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_C=max(16, triton.next_power_of_2(channels)))
     return best, index
 
@@ -55,7 +55,7 @@ def _fake(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
     return a.new_empty(a.shape[:2], dtype=torch.float32), a.new_empty(a.shape[:2], dtype=torch.int64)
 
 
-_OP = KernelOp("best_match", "(Tensor a, Tensor b) -> (Tensor, Tensor)", _kernel, _launch, _fake)
+_OP = KernelOp("best_match", _kernel, _launch, _fake)
 
 
 def best_match_triton(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ def _kernel() -> Any:
     return weighted_merge_kernel
 
 
-def _launch(kernel: Any, x: torch.Tensor, size: torch.Tensor, protected: int, unm_idx: torch.Tensor,
+def _launch(x: torch.Tensor, size: torch.Tensor, protected: int, unm_idx: torch.Tensor,
             src_idx: torch.Tensor, dst_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     import triton
 
@@ -66,7 +66,7 @@ def _launch(kernel: Any, x: torch.Tensor, size: torch.Tensor, protected: int, un
     start = count.cumsum(1) - count
     out = x.new_empty(batch, n - r, c)
     out_size = size.new_empty(batch, n - r, 1)
-    kernel[(batch, n - r)](x.contiguous(), size.contiguous(), unm_idx.contiguous(), start, count, sources,
+    _OP.jit()[(batch, n - r)](x.contiguous(), size.contiguous(), unm_idx.contiguous(), start, count, sources,
                            out, out_size, n, c, protected, unm_idx.shape[1], num_b, r,
                            BLOCK_C=triton.next_power_of_2(c))
     return out, out_size
@@ -78,8 +78,7 @@ def _fake(x: torch.Tensor, size: torch.Tensor, protected: int, unm_idx: torch.Te
     return x.new_empty(x.shape[0], n, x.shape[2]), size.new_empty(x.shape[0], n, 1)
 
 
-_OP = KernelOp("weighted_merge", "(Tensor x, Tensor size, int protected, Tensor unm_idx, Tensor src_idx, "
-               "Tensor dst_idx) -> (Tensor, Tensor)", _kernel, _launch, _fake)
+_OP = KernelOp("weighted_merge", _kernel, _launch, _fake)
 
 
 def weighted_merge_triton(x: torch.Tensor, size: torch.Tensor, protected: int, unm_idx: torch.Tensor,

@@ -4,6 +4,9 @@ On CUDA the op is a ``triton_op`` (Inductor sees the kernel; the fake implementa
 Python body); in Triton's CPU interpreter, whose kernels cannot run on fake tensors, an opaque
 ``custom_op`` with a registered fake. Either way ``torch.compile`` traces through the call instead
 of breaking the graph, once the op exists: it is built outside any graph, on the first call.
+
+The op's schema is inferred from the annotated signature of ``launch`` (torch 2.11's ``triton_op``
+takes no explicit schema), so ``launch`` names its arguments and types them.
 """
 from __future__ import annotations
 
@@ -15,15 +18,16 @@ __all__ = ["KernelOp"]
 
 
 class KernelOp:
-    """``KernelOp(name, schema, kernel, launch, fake)``: ``schema`` the op's signature
-    (``"(Tensor a, Tensor b) -> (Tensor, Tensor)"``), ``kernel()`` the plain kernel function (its
-    module imports Triton), ``launch(jitted, *args)`` allocates the outputs and launches, and
-    ``fake(*args)`` returns empty outputs of the right shapes. ``op(*args)`` runs it."""
+    """``KernelOp(name, kernel, launch, fake)``: ``kernel()`` returns the plain kernel function (its
+    module imports Triton); ``launch(...)``, with typed arguments (tensors, ints, floats), allocates
+    the outputs and launches ``op.jit()[grid](...)``; ``fake(...)``, with the same arguments,
+    returns empty outputs of the right shapes. ``op(...)`` runs it."""
 
-    def __init__(self, name: str, schema: str, kernel: Callable[[], Any], launch: Callable[..., Any],
+    def __init__(self, name: str, kernel: Callable[[], Any], launch: Callable[..., Any],
                  fake: Callable[..., Any]) -> None:
-        self.name, self.schema, self.kernel, self.launch, self.fake = name, schema, kernel, launch, fake
+        self.name, self.kernel, self.launch, self.fake = name, kernel, launch, fake
         self.built: Dict[bool, Any] = {}  # TRITON_INTERPRET -> the registered op
+        self.jitted: Dict[bool, Any] = {}  # TRITON_INTERPRET -> the triton.jit kernel
 
     def __call__(self, *args: Any) -> Any:
         from .dispatch import interpreting
@@ -31,6 +35,18 @@ class KernelOp:
         interpret = interpreting()
         op = self.built.get(interpret) or self._build(interpret)
         return op(*args)
+
+    def jit(self) -> Any:
+        """The kernel for ``launch`` to index with its grid: wrapped for ``triton_op`` on CUDA, the
+        plain jitted kernel in the interpreter."""
+        from .dispatch import interpreting
+
+        interpret = interpreting()
+        if interpret:
+            return self.jitted[True]
+        from torch.library import wrap_triton
+
+        return wrap_triton(self.jitted[False])
 
     @torch.compiler.disable
     def _build(self, interpret: bool) -> Any:
@@ -41,15 +57,12 @@ class KernelOp:
 
     def _register(self, interpret: bool) -> Any:
         import triton
-        from torch.library import custom_op, register_fake, triton_op, wrap_triton
+        from torch.library import custom_op, register_fake, triton_op
 
-        jitted = triton.jit(self.kernel())  # triton.jit reads TRITON_INTERPRET now
+        self.jitted[interpret] = triton.jit(self.kernel())  # triton.jit reads TRITON_INTERPRET now
         name = f"accel::{self.name}{'_interpreted' if interpret else ''}"
-        launch, fake = self.launch, self.fake
-
         if not interpret:
-            return triton_op(name, lambda *args: launch(wrap_triton(jitted), *args), mutates_args=(),
-                             schema=self.schema)
-        op = custom_op(name, lambda *args: launch(jitted, *args), mutates_args=(), schema=self.schema)
-        register_fake(name)(fake)
+            return triton_op(name, self.launch, mutates_args=())
+        op = custom_op(name, self.launch, mutates_args=())
+        register_fake(name)(self.fake)
         return op
