@@ -163,6 +163,22 @@ ATTENTION = [("ViT-B b64", 64, 12, 181, 64), ("ViT-L b256", 256, 16, 181, 64),
 ATTENTION_QUICK = [("tiny", 2, 2, 33, 16)]
 
 
+def _bias_as_channel(q, k, v, bias):
+    """The bias folded into one more head channel (q gains sqrt(D), k the bias; zero-padded to a
+    multiple of 8), so SDPA runs without a mask on its flash path: a candidate for the dispatcher."""
+    import math
+
+    import torch.nn.functional as F
+
+    d = q.shape[-1]
+    width = -(-(d + 1) // 8) * 8
+    pad = (0, width - d - 1)
+    qf = F.pad(torch.cat([q, q.new_full(q.shape[:-1] + (1,), math.sqrt(d))], -1), pad)
+    kf = F.pad(torch.cat([k, bias.to(k.dtype)[:, None, :, None].expand(*k.shape[:-1], 1)], -1), pad)
+    vf = F.pad(v, (0, width - d))
+    return F.scaled_dot_product_attention(qf, kf, vf, scale=1 / math.sqrt(d))[..., :d]
+
+
 def bench_attention(sizes, device, dtype, repeats, g) -> List[Dict[str, Any]]:
     """3. attention with a per-key additive bias: SDPA without a mask (the floor), SDPA with the bias
     as a float mask, FlexAttention with a score_mod; the row ``speedup`` is against the float mask."""
@@ -186,7 +202,9 @@ def bench_attention(sizes, device, dtype, repeats, g) -> List[Dict[str, Any]]:
             return score + bias[b, kv_idx]
 
         calls = {"sdpa float mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                 "sdpa no mask": lambda: F.scaled_dot_product_attention(q, k, v)}
+                 "sdpa no mask": lambda: F.scaled_dot_product_attention(q, k, v),
+                 "triton": lambda: kernels.biased_attention(q, k, v, bias, backend="triton"),
+                 "sdpa bias as a channel": lambda: _bias_as_channel(q, k, v, bias)}
         if flex is not None:
             calls["flex score_mod"] = lambda: flex(q, k, v, score_mod=score_mod)
         reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())

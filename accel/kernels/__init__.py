@@ -3,6 +3,7 @@
     best, index = accel.kernels.best_match(a, b)                  # the backend chosen for a's device
     x, size = accel.kernels.weighted_merge(x, size, protected, unm_idx, src_idx, dst_idx)
     accel.kernels.best_match(a, b, backend="torch")               # or ACCEL_KERNELS=torch|triton
+    out = accel.kernels.biased_attention(q, k, v, bias)          # softmax(q k^T / sqrt(D) + bias[b, key]) v
     accel.kernels.last_backend("best_match")                      # "torch" or "triton": what ran
 
 Patches call these functions, never a kernel directly; this package imports no patch, and no
@@ -14,11 +15,12 @@ from typing import Optional, Tuple
 
 import torch
 
+from .attention import biased_attention_reference, biased_attention_triton
 from .dispatch import BACKENDS, last_backend, select
 from .matching import best_match_reference, best_match_triton, unit_rows
 from .merging import weighted_merge_reference, weighted_merge_triton
 
-__all__ = ["best_match", "weighted_merge", "last_backend", "unit_rows", "BACKENDS"]
+__all__ = ["best_match", "weighted_merge", "biased_attention", "last_backend", "unit_rows", "BACKENDS"]
 
 
 def best_match(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -52,3 +54,20 @@ def weighted_merge(x: torch.Tensor, size: Optional[torch.Tensor], protected: int
     if chosen == "triton":
         return weighted_merge_triton(x, size, protected, unm_idx, src_idx, dst_idx)
     return weighted_merge_reference(x, size, protected, unm_idx, src_idx, dst_idx)
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *,
+                     dropout_p: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D) + bias[b, key]) v`` for ``q: [B, H, Nq, D]``, ``k, v: [B, H, Nk, D]``
+    and a per-key ``bias: [B, Nk]`` (proportional attention's log size; -inf masks a key). The
+    reference is SDPA with the bias as a float mask in q's dtype; attention dropout
+    (``dropout_p > 0``) always takes it."""
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"biased_attention: expected q [B, H, Nq, D] and k, v [B, H, Nk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if bias.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"biased_attention: bias must be [B, Nk] = {(k.shape[0], k.shape[2])}; got {tuple(bias.shape)}")
+    chosen = select("biased_attention", q, "torch" if dropout_p else backend)
+    if chosen == "triton":
+        return biased_attention_triton(q, k, v, bias)
+    return biased_attention_reference(q, k, v, bias, dropout_p)

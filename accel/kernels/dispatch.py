@@ -5,8 +5,10 @@
 
 Asking for Triton where it cannot run (no Triton, or CPU tensors without ``TRITON_INTERPRET=1``,
 Triton's interpreter) is a ``ValueError`` naming what is missing; the automatic choice never
-fails: without Triton it takes the reference. Every call records the backend that ran
-(``last_backend(op)``), so that tests and benchmarks can assert it.
+fails: without Triton it takes the reference. The kernels are forward passes: where autograd
+needs the op's gradient (grad mode on and the tensor requiring it) the reference runs whatever was
+asked. Every call records the backend that ran (``last_backend(op)``), so that tests and benchmarks
+can assert it.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def select(op: str, tensor: torch.Tensor, backend: Optional[str] = None) -> str:
     """The backend ``op`` runs with on ``tensor``'s device: ``backend``, else ``ACCEL_KERNELS``, else
     automatic; recorded as ``op``'s latest (``last_backend``)."""
     chosen = _choose(op, tensor, backend)
+    if chosen == "triton" and tensor.requires_grad and torch.is_grad_enabled():
+        chosen = "torch"  # a forward-only kernel: autograd goes through the reference
     _LAST[op] = chosen
     return chosen
 

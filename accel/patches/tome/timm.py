@@ -2,8 +2,8 @@
 
 Each block's forward is replaced (through ``accel.hooks``) by the same block computed with
 timm's own submodules (norms, LayerScale, drop-path, qk-norm, MLP), with three changes from
-the paper: attention uses ``F.scaled_dot_product_attention`` with log(size) as a float mask
-(proportional attention), it also returns the head-averaged keys as the matching metric, and
+the paper: attention adds log(size) to every key's logits (proportional attention, through
+``accel.kernels.biased_attention``), it also returns the head-averaged keys as the matching metric, and
 ``r`` tokens are merged by size-weighted average after the attention residual. Blocks that
 neither merge nor need the size bias run timm's original forward untouched.
 
@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ...kernels import biased_attention
 from ..base import in_backward
 from ..vit_block import (TimmViTPatch, attn_residual, hook_blocks, intermediates_as_tokens, merge_heads,
                          mlp_residual, split_heads)
@@ -51,10 +52,11 @@ def attention_with_size(attn: Any, x: torch.Tensor, size: Optional[torch.Tensor]
     qk-norm) averaged over heads, as in the paper (Sec. 3, "Token Similarity").
     """
     q, k, v, gate = split_heads(attn, x)
-    bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1).to(q.dtype)  # [B, 1, 1, N]
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
-    )
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    if size is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    else:
+        out = biased_attention(q, k, v, size.log()[..., 0], dropout_p=dropout_p)  # a log-size bias per key
     return merge_heads(attn, out, gate), k.mean(dim=1)
 
 
