@@ -4,11 +4,10 @@
 
 ToMe's Alg. 1 step (Bolya et al. 2023): normalise the rows, take every a-b dot product, keep each
 a-row's maximum and its argmax (ties to the lower b-index). The reference does it as three torch
-ops and writes the ``Na x Nb`` score matrix to memory; the Triton kernel fuses them: a tile of
-a-rows is normalised once, then b is streamed through in tiles, each tile's dot products reduced to
-a running maximum, so the score matrix never exists (memory O(Na + Nb), one launch). Its speed on
-a GPU against the reference (and against a ``tl.dot`` variant, which would break exact ties by
-position) is not measured yet: no GPU was lent to the session that wrote it.
+ops and writes the ``Na x Nb`` score matrix to memory; the Triton kernel fuses them: b is streamed
+through a tile of a-rows, each tile's dot products reduced to a running maximum, so the score
+matrix never exists (memory O(Na + Nb), one launch). Narrow metrics (ViT keys, 64 channels) take
+a product-sum of normalised rows; wide ones (SD features) ``tl.dot`` on the tensor cores.
 """
 from __future__ import annotations
 
@@ -16,11 +15,18 @@ from typing import Any, Tuple
 
 import torch
 
+from .dispatch import interpreting
 from .registration import KernelOp
 
 __all__ = ["unit_rows", "best_match_reference", "best_match_triton"]
 
-BLOCK_A, BLOCK_B = 16, 16  # rows of a and of b per tile (a [16, 16, C] product in registers)
+BLOCK_A, BLOCK_B = 16, 16  # rows of a and of b per tile of the product-sum (a [16, 16, C] product)
+DOT_ABOVE = 64  # wider metrics (SD features, 320+ channels) take tensor-core tiles, 64 x 64 x 64
+DOT_BLOCK = 64
+# On that path scores closer than this count as tied (to the lower index): the same dot product
+# may round differently at another position of a tensor-core tile; cosine similarities are within
+# [-1, 1] and fp32 rounding of a few hundred products stays far below it.
+DOT_TIE = 2e-6
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -45,9 +51,14 @@ def _launch(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     batch, num_a, channels = a.shape
     best = torch.empty(batch, num_a, device=a.device, dtype=torch.float32)
     index = torch.empty(batch, num_a, device=a.device, dtype=torch.int64)
-    grid = (batch, triton.cdiv(num_a, BLOCK_A))
+    dot = channels > DOT_ABOVE
+    block_a, block_b = (DOT_BLOCK, DOT_BLOCK) if dot else (BLOCK_A, BLOCK_B)
+    block_c = DOT_BLOCK if dot else max(16, triton.next_power_of_2(channels))
+    grid = (batch, triton.cdiv(num_a, block_a))
     _OP.jit()[grid](a, b, best, index, num_a, b.shape[1], channels, *a.stride(), *b.stride(),
-                 BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_C=max(16, triton.next_power_of_2(channels)))
+                    BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_C=block_c, USE_DOT=dot,
+                    PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                    WIDEN=interpreting() and a.dtype == torch.bfloat16, TIE=DOT_TIE if dot else 0.0)
     return best, index
 
 

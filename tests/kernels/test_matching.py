@@ -34,8 +34,10 @@ def clear_winners(a, b, gap):
 
 
 # (batch, Na, Nb, C): one token, N not a multiple of a tile (16 a-rows, 32 b-rows), several b tiles,
-# channels below and above a power of two, odd batches
-SIZES = [(1, 1, 1, 8), (1, 1, 5, 3), (3, 17, 16, 24), (2, 37, 70, 64), (5, 16, 33, 20), (1, 98, 98, 64)]
+# channels below and above a power of two, odd batches; above 64 channels the tensor-core path
+# (64 x 64 tiles, channels in chunks of 64: one partial chunk, several)
+SIZES = [(1, 1, 1, 8), (1, 1, 5, 3), (3, 17, 16, 24), (2, 37, 70, 64), (5, 16, 33, 20), (1, 98, 98, 64),
+         (1, 1, 3, 80), (2, 70, 130, 72), (1, 65, 40, 200)]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -49,7 +51,7 @@ def test_the_kernel_equals_the_reference_in_fp32(interpret, size):
     assert torch.equal(index[clear], ref_index[clear]) and clear.float().mean() > 0.9
 
 
-@pytest.mark.parametrize("size", [(2, 19, 40, 32), (1, 64, 64, 48)])
+@pytest.mark.parametrize("size", [(2, 19, 40, 32), (1, 64, 64, 48), (1, 40, 70, 96)])
 def test_the_kernel_in_bf16_accumulates_in_fp32(interpret, size):
     a, b = data(*size, dtype=torch.bfloat16)
     best, index = best_match_triton(a, b)
@@ -59,9 +61,10 @@ def test_the_kernel_in_bf16_accumulates_in_fp32(interpret, size):
     assert torch.equal(index[clear], exact_index[clear])
 
 
-def test_ties_go_to_the_lower_index_within_and_across_tiles(interpret):
-    a, b = data(1, 5, 70, 16, seed=3)
-    b[0, 40] = b[0, 3]  # the same row in the first and the third tile of 16
+@pytest.mark.parametrize("channels", [16, 80])  # the product-sum and the tensor-core path
+def test_ties_go_to_the_lower_index_within_and_across_tiles(interpret, channels):
+    a, b = data(1, 5, 150, channels, seed=3)
+    b[0, 140] = b[0, 40] = b[0, 3]  # the same row in the first and the third tile of 16 (of 64: the third)
     b[0, 41] = b[0, 40] * 2  # and a scaled copy: the same cosine similarity
     a[0, 0] = b[0, 3] * 0.5  # a-row 0 matches rows 3, 40 and 41 equally well
     b[0, 10] = b[0, 9]
