@@ -149,7 +149,11 @@ def tome_profile(name: str = "vit_base_patch16_224", batch: int = 64, r: int = 1
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+            averages = prof.key_averages()
+            try:
+                table = averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
+            except (AttributeError, KeyError, ValueError):  # older torch
+                table = averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
             out[label] = table
             print(f"--- {label}\n{table}", flush=True)
     return out
