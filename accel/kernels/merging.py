@@ -10,16 +10,31 @@ A tokens merged into it. The reference takes eight torch ops (multiply, two gath
 scatter-reduce for x and again for the sizes, two concatenations, a divide); the Triton kernel is one
 launch writing x and size together, its sums in a fixed order (the sources sorted by destination,
 ties kept in their order), so it is deterministic: no atomics.
+
+The plain (unweighted) merges, each a public function behind the dispatcher:
+
+    x = mean_merge(x, protected, unm_idx, src_idx, dst_idx)              # BipartiteMatch.merge, mode "mean"
+    source = amax_merge(source, protected, unm_idx, src_idx, dst_idx)    # source tracing (mode "amax")
+    x = mean_merge2d(x, a_idx, b_idx, unm_idx, src_idx, dst_idx)         # ToMe-SD's grid (GridMatch.merge)
+
+The references are the torch ops the ToMe code ran (gathers, a scatter-reduce, a concatenation);
+the kernel (one for the three) is one launch with the same fixed order of sources, fp32
+accumulation and one rounding at the end: the mean is bit-equal in fp32 (the reference's sums in
+the reference's order, then one division), the maximum in every dtype.
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
+from .dispatch import select
 from .registration import KernelOp
 
-__all__ = ["weighted_merge_reference", "weighted_merge_triton"]
+__all__ = ["weighted_merge_reference", "weighted_merge_triton", "mean_merge", "amax_merge", "mean_merge2d",
+           "merge_reference", "merge2d_reference", "mean_merge_triton", "amax_merge_triton", "mean_merge2d_triton"]
+
+ROWS = 4  # output rows per program of the plain merges: a [4, BLOCK_C] tile
 
 
 def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
@@ -85,3 +100,176 @@ def weighted_merge_triton(x: torch.Tensor, size: torch.Tensor, protected: int, u
                           src_idx: torch.Tensor, dst_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel: fp32 accumulation, outputs in the inputs' dtypes."""
     return _OP(x, size, protected, unm_idx, src_idx, dst_idx)
+
+
+# -- the plain (unweighted) merges ------------------------------------------------------------------
+def merge_reference(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
+                    dst_idx: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Plain torch: ``[B, N, C] -> [B, N - r, C]``, merged tokens reduced with ``mode`` (sum, mean, amax)."""
+    head, rest = x[:, :protected], x[:, protected:]
+    a, b = rest[:, ::2], rest[:, 1::2]
+    c = x.shape[-1]
+    unm = a.gather(1, _expand(unm_idx, c))
+    src = a.gather(1, _expand(src_idx, c))
+    b = b.scatter_reduce(1, _expand(dst_idx, c), src, reduce=mode, include_self=True)
+    return torch.cat([head, unm, b], dim=1)
+
+
+def merge2d_reference(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, unm_idx: torch.Tensor,
+                      src_idx: torch.Tensor, dst_idx: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Plain torch: ``[B, N, C] -> [B, N - r, C]`` (kept sources, then destinations), the sources and
+    destinations at the grid positions ``a_idx``/``b_idx: [1, *]``."""
+    batch, _, c = x.shape
+    a = x.gather(1, _expand(a_idx.expand(batch, -1), c))
+    b = x.gather(1, _expand(b_idx.expand(batch, -1), c))
+    unm = a.gather(1, _expand(unm_idx, c))
+    src = a.gather(1, _expand(src_idx, c))
+    b = b.scatter_reduce(1, _expand(dst_idx, c), src, reduce=mode, include_self=True)
+    return torch.cat([unm, b], dim=1)
+
+
+def _segments(dst_idx: torch.Tensor, num_b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sources by destination without a host sync: ``order [B, r]`` (a stable sort of ``dst_idx``:
+    ties in matching order) and ``bounds [B, Nb + 1]``, destination ``j``'s segment of ``order`` being
+    ``bounds[j]:bounds[j + 1]``."""
+    ordered, order = dst_idx.sort(dim=1, stable=True)
+    wanted = torch.arange(num_b + 1, device=dst_idx.device).expand(dst_idx.shape[0], -1).contiguous()
+    return order, torch.searchsorted(ordered, wanted)
+
+
+def _merge_kernel() -> Any:
+    from .merging_triton import merge_kernel
+
+    return merge_kernel
+
+
+def _run_merge(op: KernelOp, x: torch.Tensor, a_idx: Optional[torch.Tensor], b_idx: Optional[torch.Tensor],
+               protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
+               mean: bool) -> torch.Tensor:
+    import triton
+
+    batch, n, c = x.shape
+    num_unm, r = unm_idx.shape[1], src_idx.shape[1]
+    num_b = n - protected - num_unm - r
+    order, bounds = _segments(dst_idx, num_b)
+    out = x.new_empty(batch, n - r, c)
+    unm_idx, src_idx = unm_idx.contiguous(), src_idx.contiguous()
+    grid_layout = a_idx is not None
+    a_idx = a_idx.contiguous() if grid_layout else unm_idx  # unread without the grid layout
+    b_idx = b_idx.contiguous() if grid_layout else unm_idx
+    op.jit()[(batch, triton.cdiv(n - r, ROWS))](
+        x.contiguous(), a_idx, b_idx, unm_idx, bounds, order, src_idx, out, n, c, protected, num_unm, num_b, r,
+        GRID=grid_layout, MEAN=mean, ROWS=ROWS, BLOCK_C=triton.next_power_of_2(c))
+    return out
+
+
+def _launch_mean(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
+                 dst_idx: torch.Tensor) -> torch.Tensor:
+    return _run_merge(_MEAN, x, None, None, protected, unm_idx, src_idx, dst_idx, True)
+
+
+def _launch_amax(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
+                 dst_idx: torch.Tensor) -> torch.Tensor:
+    return _run_merge(_AMAX, x, None, None, protected, unm_idx, src_idx, dst_idx, False)
+
+
+def _fake_merge(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
+                dst_idx: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1] - src_idx.shape[1], x.shape[2])
+
+
+def _launch_mean2d(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, unm_idx: torch.Tensor,
+                   src_idx: torch.Tensor, dst_idx: torch.Tensor) -> torch.Tensor:
+    return _run_merge(_MEAN2D, x, a_idx, b_idx, 0, unm_idx, src_idx, dst_idx, True)
+
+
+def _fake_merge2d(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, unm_idx: torch.Tensor,
+                  src_idx: torch.Tensor, dst_idx: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1] - src_idx.shape[1], x.shape[2])
+
+
+_MEAN = KernelOp("mean_merge", _merge_kernel, _launch_mean, _fake_merge)
+_AMAX = KernelOp("amax_merge", _merge_kernel, _launch_amax, _fake_merge)
+_MEAN2D = KernelOp("mean_merge2d", _merge_kernel, _launch_mean2d, _fake_merge2d)
+
+
+def mean_merge_triton(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
+                      dst_idx: torch.Tensor) -> torch.Tensor:
+    """The one-launch kernel (after the sort of the destinations): fp32 sums, one rounding."""
+    return _MEAN(x, protected, unm_idx, src_idx, dst_idx)
+
+
+def amax_merge_triton(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
+                      dst_idx: torch.Tensor) -> torch.Tensor:
+    """The one-launch kernel, each destination the elementwise maximum of its group (exact)."""
+    return _AMAX(x, protected, unm_idx, src_idx, dst_idx)
+
+
+def mean_merge2d_triton(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, unm_idx: torch.Tensor,
+                        src_idx: torch.Tensor, dst_idx: torch.Tensor) -> torch.Tensor:
+    """The one-launch kernel on the grid layout."""
+    return _MEAN2D(x, a_idx, b_idx, unm_idx, src_idx, dst_idx)
+
+
+def _check(op: str, x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
+           num_a: int) -> None:
+    if x.ndim != 3:
+        raise ValueError(f"{op}: x must be [B, N, C]; got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be floating point; got {x.dtype}")
+    for name, index in (("unm_idx", unm_idx), ("src_idx", src_idx), ("dst_idx", dst_idx)):
+        if index.ndim != 2 or index.shape[0] != x.shape[0] or index.dtype != torch.int64:
+            raise ValueError(f"{op}: {name} must be int64 [B, *] with B = {x.shape[0]}; got "
+                             f"{index.dtype} {tuple(index.shape)}")
+    if src_idx.shape != dst_idx.shape:
+        raise ValueError(f"{op}: src_idx and dst_idx must have one shape; got {tuple(src_idx.shape)} and "
+                         f"{tuple(dst_idx.shape)}")
+    if unm_idx.shape[1] + src_idx.shape[1] != num_a:
+        raise ValueError(f"{op}: unm_idx and src_idx must split the {num_a} A tokens; got "
+                         f"{unm_idx.shape[1]} + {src_idx.shape[1]}")
+
+
+def _check_prefix(op: str, x: torch.Tensor, protected: int) -> int:
+    """The number of A tokens after ``protected`` tokens (the even positions of the rest)."""
+    if not 0 <= protected <= x.shape[1]:
+        raise ValueError(f"{op}: protected must be in [0, {x.shape[1]}]; got {protected}")
+    return (x.shape[1] - protected + 1) // 2
+
+
+def mean_merge(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
+               *, backend: Optional[str] = None) -> torch.Tensor:
+    """Unweighted ToMe merge of ``x: [B, N, C]`` by a bipartite matching (``unm_idx [B, Na - r]``,
+    ``src_idx``/``dst_idx [B, r]``, A tokens at the even positions after ``protected`` tokens, B at
+    the odd): ``[B, N - r, C]``, each B token the mean of itself and the A tokens merged into it."""
+    _check("mean_merge", x, unm_idx, src_idx, dst_idx, _check_prefix("mean_merge", x, protected))
+    if select("mean_merge", x, backend) == "triton":
+        return mean_merge_triton(x, protected, unm_idx, src_idx, dst_idx)
+    return merge_reference(x, protected, unm_idx, src_idx, dst_idx, "mean")
+
+
+def amax_merge(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
+               *, backend: Optional[str] = None) -> torch.Tensor:
+    """``mean_merge`` with the elementwise maximum: source tracing, ``x`` a 0/1 matrix ``[B, N, N_in]``
+    of which input tokens each token stands for."""
+    _check("amax_merge", x, unm_idx, src_idx, dst_idx, _check_prefix("amax_merge", x, protected))
+    if select("amax_merge", x, backend) == "triton":
+        return amax_merge_triton(x, protected, unm_idx, src_idx, dst_idx)
+    return merge_reference(x, protected, unm_idx, src_idx, dst_idx, "amax")
+
+
+def mean_merge2d(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, unm_idx: torch.Tensor,
+                 src_idx: torch.Tensor, dst_idx: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """ToMe-SD's merge of ``x: [B, N, C]`` on the grid: sources at ``a_idx [1, Na]``, destinations at
+    ``b_idx [1, Nb]`` (shared by the batch): ``[B, N - r, C]``, the kept sources (``unm_idx`` order),
+    then each destination the mean of itself and the sources merged into it (paper, Sec. 4)."""
+    for name, index in (("a_idx", a_idx), ("b_idx", b_idx)):
+        if index.ndim != 2 or index.shape[0] != 1 or index.dtype != torch.int64:
+            raise ValueError(f"mean_merge2d: {name} must be int64 [1, *] (shared by the batch); got "
+                             f"{index.dtype} {tuple(index.shape)}")
+    if x.ndim == 3 and a_idx.shape[1] + b_idx.shape[1] != x.shape[1]:
+        raise ValueError(f"mean_merge2d: a_idx and b_idx must split the {x.shape[1]} tokens; got "
+                         f"{a_idx.shape[1]} + {b_idx.shape[1]}")
+    _check("mean_merge2d", x, unm_idx, src_idx, dst_idx, a_idx.shape[1])
+    if select("mean_merge2d", x, backend) == "triton":
+        return mean_merge2d_triton(x, a_idx, b_idx, unm_idx, src_idx, dst_idx)
+    return merge2d_reference(x, a_idx, b_idx, unm_idx, src_idx, dst_idx, "mean")

@@ -16,13 +16,11 @@ from typing import Optional, Tuple
 import torch
 
 from ...kernels import best_match, unit_rows, weighted_merge
+from ...kernels.merging import amax_merge, mean_merge, merge_reference
+from ...kernels.unmerging import unmerge
 
 __all__ = ["BipartiteMatch", "unit_rows", "match_sets", "bipartite_soft_matching", "merge_weighted", "merge_source",
            "initial_source"]
-
-
-def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
-    return index.unsqueeze(-1).expand(-1, -1, channels)
 
 
 @dataclass
@@ -45,29 +43,16 @@ class BipartiteMatch:
 
     def merge(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """[B, N, C] -> [B, N - r, C]; merged tokens are reduced with ``mode`` (sum, mean, amax)."""
-        p = self.protected
-        head, rest = x[:, :p], x[:, p:]
-        a, b = rest[:, ::2], rest[:, 1::2]
-        c = x.shape[-1]
-        unm = a.gather(1, _expand(self.unm_idx, c))
-        src = a.gather(1, _expand(self.src_idx, c))
-        b = b.scatter_reduce(1, _expand(self.dst_idx, c), src, reduce=mode, include_self=True)
-        return torch.cat([head, unm, b], dim=1)
+        args = (self.protected, self.unm_idx, self.src_idx, self.dst_idx)
+        if mode == "mean":
+            return mean_merge(x, *args)
+        if mode == "amax":
+            return amax_merge(x, *args)
+        return merge_reference(x, *args, mode=mode)
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N - r, C] -> [B, N, C]: every token merged away takes its destination's value."""
-        p, n_unm = self.protected, self.unm_idx.shape[1]
-        head, unm, b = x[:, :p], x[:, p:p + n_unm], x[:, p + n_unm:]
-        batch, c = x.shape[0], x.shape[-1]
-        src = b.gather(1, _expand(self.dst_idx, c))
-        out = x.new_empty(batch, self.num_tokens, c)
-        out[:, :p] = head
-        rest = out[:, p:]
-        rest[:, 1::2] = b
-        # A token i sits at position 2*i of the unprotected part.
-        rest.scatter_(1, _expand(2 * self.unm_idx, c), unm)
-        rest.scatter_(1, _expand(2 * self.src_idx, c), src)
-        return out
+        return unmerge(x, self.protected, self.unm_idx, self.src_idx, self.dst_idx)
 
 
 def match_sets(a: torch.Tensor, b: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,5 +102,6 @@ def initial_source(batch: int, num_tokens: int, device: torch.device, dtype: tor
 
 
 def merge_source(match: BipartiteMatch, source: torch.Tensor) -> torch.Tensor:
-    """Track which input tokens each token stands for: ``source: [B, N, N_in]`` of 0/1."""
-    return match.merge(source, mode="amax")
+    """Track which input tokens each token stands for: ``source: [B, N, N_in]`` of 0/1 (a token's
+    row is the union, the maximum, of its group's rows)."""
+    return amax_merge(source, match.protected, match.unm_idx, match.src_idx, match.dst_idx)

@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ...kernels.merging import mean_merge2d, merge2d_reference
+from ...kernels.unmerging import unmerge2d
 from .merge import match_sets
 
 __all__ = ["GridMatch", "grid_destinations", "bipartite_soft_matching_random2d", "downsample_tokens"]
@@ -52,27 +54,14 @@ class GridMatch:
 
     def merge(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """``[B, N, C] -> [B, N - r, C]``: kept sources, then destinations (with their merged sources)."""
-        batch, _, c = x.shape
-        a = x.gather(1, _expand(self.a_idx, batch, c))
-        b = x.gather(1, _expand(self.b_idx, batch, c))
-        unm = a.gather(1, _expand(self.unm_idx, batch, c))
-        src = a.gather(1, _expand(self.src_idx, batch, c))
-        # Paper, Sec. 4: merged tokens are averaged (no size weighting: they are unmerged right after).
-        b = b.scatter_reduce(1, _expand(self.dst_idx, batch, c), src, reduce=mode, include_self=True)
-        return torch.cat([unm, b], dim=1)
+        args = (self.a_idx, self.b_idx, self.unm_idx, self.src_idx, self.dst_idx)
+        if mode == "mean":  # paper, Sec. 4: merged tokens are averaged (no size weighting: unmerged right after)
+            return mean_merge2d(x, *args)
+        return merge2d_reference(x, *args, mode=mode)
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N - r, C] -> [B, N, C]``: each merged source takes its destination's value."""
-        batch, _, c = x.shape
-        n_unm = self.unm_idx.shape[1]
-        unm, b = x[:, :n_unm], x[:, n_unm:]
-        src = b.gather(1, _expand(self.dst_idx, batch, c))
-        a_idx = self.a_idx.expand(batch, -1)
-        out = x.new_empty(batch, self.num_tokens, c)
-        out.scatter_(1, _expand(self.b_idx, batch, c), b)
-        out.scatter_(1, _expand(a_idx.gather(1, self.unm_idx), batch, c), unm)
-        out.scatter_(1, _expand(a_idx.gather(1, self.src_idx), batch, c), src)
-        return out
+        return unmerge2d(x, self.a_idx, self.b_idx, self.unm_idx, self.src_idx, self.dst_idx)
 
 
 def grid_destinations(h: int, w: int, sx: int, sy: int, generator: Optional[torch.Generator] = None,
