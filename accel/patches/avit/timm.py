@@ -14,8 +14,10 @@ Two paths, same outputs (float tolerance):
   into one ``[T, C]`` list, so norms, qkv, projection and MLP compute exactly the active tokens
   (no padding); only the attention core scatters them per image into ``[B, n_max]`` with
   ``n_max`` the largest active count in the batch and a key mask (no mask when all counts are
-  equal). Data-dependent shapes: one or two host syncs per block; ``torch.compile`` needs
-  ``dynamic=True`` (or use ``mode="mask"``).
+  equal). Packing, padding and unpadding go through ``accel.kernels.compaction`` (Triton on
+  CUDA). Data-dependent shapes: one host sync per block (the active count of each image, which
+  sizes the packed list and the padding); ``torch.compile`` needs ``dynamic=True`` (or use
+  ``mode="mask"``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ...kernels.compaction import compact_tokens, gather_tokens, scatter_tokens
 from ..vit_block import (TimmViTPatch, attn_residual, block_forward, merge_heads, mlp_residual, patch_grid,
                          split_heads)
 from .config import AViT
@@ -126,6 +129,7 @@ class AViTTimm(TimmViTPatch):
         batch, n, width = x.shape
         index = torch.arange(batch * n, device=x.device)  # flat position b * N + t of each packed token
         image = index // n
+        count = torch.full((batch,), n, dtype=torch.long, device=x.device)  # active tokens per image
         counts = [n] * batch
         packed = x.reshape(batch * n, width)
         for i, blk in enumerate(self.blocks):
@@ -134,23 +138,28 @@ class AViTTimm(TimmViTPatch):
                 break
             state.active.append(total)
             state.computed.append(total)
-            packed = self._packed_block(blk, self.post_norm[i], packed, image, counts)
+            packed = self._packed_block(blk, self.post_norm[i], packed, image, counts, count)
             halt = halting.step(halting_score(packed, cfg.gamma, cfg.beta), packed, index)
             if i == len(self.blocks) - 1:
                 break
-            keep = (~halt).nonzero().squeeze(1)  # host sync: the new shapes depend on the data
-            if keep.numel() < total:
-                packed, index, image = packed[keep], index[keep], image[keep]
-                counts = torch.bincount(image, minlength=batch).tolist()
+            keep = ~halt
+            count = torch.zeros_like(count).scatter_add_(0, image, keep.long())
+            # The one host sync of a block: the new shapes (the packed list, the padded attention)
+            # depend on how many tokens of each image are left.
+            counts = count.tolist()
+            kept = sum(counts)
+            if kept < total:
+                packed, where = compact_tokens(packed[None], keep[None], kept)
+                index, image = index[where], image[where]  # [T'] bookkeeping of the packed tokens
         return halting.output
 
     def _packed_block(self, blk: Any, post_norm: bool, packed: torch.Tensor, image: torch.Tensor,
-                      counts: Sequence[int]) -> torch.Tensor:
+                      counts: Sequence[int], count: torch.Tensor) -> torch.Tensor:
         """One block on the packed active tokens ``[T, C]`` of ``len(counts)`` images (sorted by
-        image, ``counts[b]`` each)."""
+        image, ``counts[b]`` each; ``count``: the same on the device)."""
         seq = packed[None]  # [1, T, C]: every per-token op runs on exactly the active tokens
         q, k, v, gate = split_heads(blk.attn, seq if post_norm else blk.norm1(seq))  # [1, H, T, D]
-        out = _per_image_attention(q, k, v, image, counts)
+        out = _per_image_attention(q, k, v, image, counts, count)
         seq = attn_residual(blk, post_norm, seq, merge_heads(blk.attn, out, gate))
         return mlp_residual(blk, post_norm, seq)[0]
 
@@ -185,26 +194,25 @@ class AViTTimm(TimmViTPatch):
 
 
 def _per_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image: torch.Tensor,
-                         counts: Sequence[int]) -> torch.Tensor:
+                         counts: Sequence[int], count: torch.Tensor) -> torch.Tensor:
     """Attention of packed ``q, k, v: [1, H, T, D]`` within each image (tokens sorted by image,
-    ``counts[b]`` of image b); returns ``[1, H, T, D]``."""
+    ``counts[b]`` of image b, ``count`` the same ``[B]`` on the device); returns ``[1, H, T, D]``."""
     batch, longest, total = len(counts), max(counts), q.shape[2]
     heads, dim = q.shape[1], q.shape[3]
     if longest * batch == total:  # equal counts: a plain batch, nothing to pad
         def to_batch(t): return t.view(heads, batch, longest, dim).transpose(0, 1)
         out = F.scaled_dot_product_attention(to_batch(q), to_batch(k), to_batch(v))
         return out.transpose(0, 1).reshape(1, heads, total, dim)
-    count = torch.tensor(counts, device=q.device)
     start = torch.cumsum(count, 0) - count
     # row of each token in the padded [B * n_max] layout: image b's tokens fill rows b * n_max + 0..count[b]-1
-    rows = torch.arange(total, device=q.device) - start[image] + image * longest
+    rows = (torch.arange(total, device=q.device) - start[image] + image * longest)[None]  # [1, T]
 
     def pad(t: torch.Tensor) -> torch.Tensor:  # [1, H, T, D] -> [B, H, n_max, D], zeros after each image
-        padded = t.new_zeros(batch * longest, heads, dim)
-        padded.index_copy_(0, rows, t[0].transpose(0, 1))
+        zeros = t.new_zeros(1, batch * longest, heads * dim)
+        padded = scatter_tokens(zeros, rows, t.transpose(1, 2).reshape(1, total, heads * dim))
         return padded.view(batch, longest, heads, dim).transpose(1, 2)
 
     keys = (torch.arange(longest, device=q.device) < count[:, None])[:, None, None, :]  # [B, 1, 1, n_max]
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keys)  # [B, H, n_max, D]
-    out = out.transpose(1, 2).reshape(batch * longest, heads, dim).index_select(0, rows)  # [T, H, D]
-    return out.transpose(0, 1)[None]
+    out = gather_tokens(out.transpose(1, 2).reshape(1, batch * longest, heads * dim), rows)[0]  # [T, H * D]
+    return out.view(total, heads, dim).transpose(0, 1)[None]

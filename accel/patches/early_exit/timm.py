@@ -5,7 +5,8 @@ confident enough, the rest go on with a smaller batch.
 (``patch_embed``, ``_pos_embed``, ``patch_drop``, ``norm_pre``, each block, ``norm``,
 ``forward_head``), but the blocks one at a time: after each exit block the exit head scores the
 batch, images that pass their threshold leave with that head's logits, and the others are
-gathered into a smaller batch for the next block. Logits are scattered back into the input order.
+packed into a smaller batch for the next block (``accel.kernels.compaction``, Triton on CUDA).
+Logits are gathered back into the input order.
 No image exiting means the same calls on the same batch as the unpatched model: bit-exact.
 
 Behaviour beyond the exit rule itself:
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ...kernels.compaction import compact_tokens, gather_tokens
 from ..base import config_dict
 from ..vit_block import TimmViTPatch
 from .config import EarlyExit
@@ -143,15 +145,17 @@ class EarlyExitTimm(TimmViTPatch):
             state.exited.append(n_leave)
             if n_leave == 0:
                 continue
-            # stable sort: the leaving images first, each group in its input order
-            order = torch.argsort(leave.to(torch.uint8), descending=True, stable=True)
-            out_idx, stay_idx = order[:n_leave], order[n_leave:]
+            # the leaving images' logits and the staying images' tokens, each packed in input order;
+            # with n_leave known, packing reads nothing more back to the host
+            left, out_idx = compact_tokens(logits[None], leave[None], n_leave)
+            size = tokens.shape
+            stay, stay_idx = compact_tokens(tokens.reshape(1, size[0], -1), ~leave[None], size[0] - n_leave)
             gone = out_idx if alive is None else alive[out_idx]
-            pieces.append(logits[out_idx])
+            pieces.append(left)
             where.append(gone)
             state.depth[gone] = i + 1
             alive = stay_idx if alive is None else alive[stay_idx]
-            tokens = tokens[stay_idx]
+            tokens = stay.view(-1, *size[1:])
             if tokens.shape[0] == 0:
                 break
         if alive is None:  # nobody left early: the unpatched computation, returned as is
@@ -160,7 +164,7 @@ class EarlyExitTimm(TimmViTPatch):
             pieces.append(model.forward_head(model.norm(tokens)))
             where.append(alive)
         positions = torch.cat(where)
-        return torch.cat(pieces)[torch.argsort(positions)]  # back to the input order
+        return gather_tokens(torch.cat(pieces)[None], torch.argsort(positions)[None])[0]  # back to the input order
 
     # -- reporting ------------------------------------------------------------------------------
     def exit_depths(self) -> Optional[torch.Tensor]:

@@ -11,6 +11,8 @@ from typing import Tuple
 
 import torch
 
+from ...kernels.compaction import gather_tokens
+
 __all__ = ["cls_attention", "num_kept", "keep_and_fuse"]
 
 
@@ -40,13 +42,13 @@ def keep_and_fuse(x: torch.Tensor, attn: torch.Tensor, keep: int, num_prefix: in
     stays on the scale of a token). Returns ``x' : [B, P + keep (+1), C]`` and the kept
     positions ``[B, keep]`` (indices into ``x``).
     """
-    batch, n, channels = x.shape
+    n = x.shape[1]
     patches, scores = x[:, num_prefix:], attn[:, num_prefix:]
     kept = scores.topk(keep, dim=1).indices.sort(dim=1).values  # [B, keep]
-    out = [x[:, :num_prefix], patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, channels))]
+    out = gather_tokens(x, kept, num_prefix)  # [B, P + keep, C]: the prefix, then the kept tokens
     if fuse and keep < n - num_prefix:
         dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(1, kept, False)
         weights = (scores * dropped).to(x.dtype).unsqueeze(-1)  # zero on the kept tokens
         total = weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        out.append((patches * weights).sum(dim=1, keepdim=True) / total)
-    return torch.cat(out, dim=1), kept + num_prefix
+        out = torch.cat([out, (patches * weights).sum(dim=1, keepdim=True) / total], dim=1)
+    return out, kept + num_prefix

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ...kernels.compaction import gather_tokens, scatter_tokens
 from ..diffusers_model import DIT, PIXART, DiffusersPatch, attend_to
 from .config import RegionCache
 from .regions import pixel_mask, region_ids, select_tokens, token_mask, token_scores
@@ -47,11 +48,6 @@ def _with_sample(out: Any, sample: torch.Tensor) -> Any:
         return (sample,) + out[1:]
     out.sample = sample
     return out
-
-
-def _rows(index: torch.Tensor, channels: int) -> torch.Tensor:
-    """[B, k] token ids -> [B, k, C] for gather/scatter along the token dimension."""
-    return index[..., None].expand(-1, -1, channels)
 
 
 class _Plan:
@@ -254,14 +250,14 @@ class RegionCacheDiT(DiffusersPatch):
         if first:  # [B, N, C] -> the chosen [B, k, C]; the blocks' own forward is per token but attn1
             x = args[0] if args else kwargs["hidden_states"]
             plan.base = x
-            x = x.gather(1, _rows(plan.chosen, x.shape[-1]))
+            x = gather_tokens(x, plan.chosen)
             if args:
                 args = (x,) + args[1:]
             else:
                 kwargs["hidden_states"] = x
         out = call_next(*args, **kwargs)
         if last:  # back to N tokens for the output head; skipped tokens' output is replaced afterwards
-            out = plan.base.scatter(1, _rows(plan.chosen, out.shape[-1]), out)
+            out = scatter_tokens(plan.base, plan.chosen, out)
         return out
 
     def _attn1_forward(self, index: int, attn: Any, call_next: Any, hidden_states: torch.Tensor, *args: Any,
@@ -276,7 +272,7 @@ class RegionCacheDiT(DiffusersPatch):
         if state.plan is None:
             return call_next(hidden_states, *args, **kwargs)
         # RAS: chosen queries attend to all tokens; skipped ones from their last computation
-        context = state.kv[index].scatter(1, _rows(state.plan.chosen, hidden_states.shape[-1]), hidden_states)
+        context = scatter_tokens(state.kv[index], state.plan.chosen, hidden_states)
         state.kv[index] = context
         kwargs.update(zip(("encoder_hidden_states", "attention_mask"), args))  # diffusers' positional order
         kwargs.pop("encoder_hidden_states", None)

@@ -15,15 +15,16 @@ def relative_update(x_out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
     return (x_out.float() - x_in).norm(dim=-1) / x_in.norm(dim=-1).clamp_min(1e-12)
 
 
-def active_first(active: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def active_first(active: torch.Tensor, longest: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per image, the positions of the active tokens (ascending), padded to the batch's largest
     count with frozen positions: ``order: [B, Q]`` and ``valid: [B, Q]`` (True on real ones).
 
-    ``Q`` is data-dependent (one host sync). Rows ``valid`` in (image, position) order are
-    exactly ``x[active]``'s rows, so packed and padded layouts convert by boolean indexing.
+    ``Q`` (``longest``, the largest count) is data-dependent: counted here (one host sync) unless
+    given. Rows ``valid`` in (image, position) order are exactly ``x[active]``'s rows, so packed
+    and padded layouts convert by compaction (``accel.kernels.compaction.compact_tokens``).
     """
     counts = active.sum(dim=1)  # [B]
-    q = int(counts.max())
+    q = int(counts.max()) if longest is None else longest
     order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :q]
     valid = torch.arange(q, device=active.device)[None, :] < counts[:, None]
     return order, valid

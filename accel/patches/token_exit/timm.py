@@ -12,8 +12,10 @@ runs timm's own forward; once some have stopped, the block is computed from timm
 - the result is scattered back, so stopped tokens keep their frozen state up to the final norm
   and head (any pooling works unchanged).
 
-Which tokens stop depends on the input: each block with stopped tokens does host syncs for its
-shapes, so ``torch.compile`` needs ``dynamic=True`` (or expect recompiles).
+Which tokens stop depends on the input: each block reads the active counts back to the host once
+(the total and the largest per image, together) for its shapes, so ``torch.compile`` needs
+``dynamic=True`` (or expect recompiles). The gathers, packing and scatter-back go through
+``accel.kernels.compaction`` (Triton on CUDA), given those counts: no further sync.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels.compaction import compact_tokens, gather_tokens, scatter_tokens
 from ..avit.halting import halting_score
 from ..base import in_backward
 from ..vit_block import TimmViTPatch, attn_residual, hook_blocks, merge_heads, mlp_residual, patch_grid, split_heads
@@ -133,28 +136,36 @@ class TokenExitTimm(TimmViTPatch):
                is_causal: bool, active: torch.Tensor) -> Tuple[torch.Tensor, int]:
         """Block ``index`` on ``x: [B, N, C]`` with ``active: [B, N]`` tokens updated: the output and
         the number of tokens that were queries."""
-        if bool(active.all()):  # nothing stopped yet: timm's own forward, masks and all
-            return call_next(x, attn_mask=attn_mask, is_causal=is_causal), active.numel()
+        # The one host sync of a block: the shapes below depend on how many tokens are active (in
+        # all, M, and in the fullest image, Q); both are read at once.
+        counts = active.sum(dim=1)
+        longest, total = torch.stack([counts.max(), counts.sum()]).tolist()
+        if total == active.numel():  # nothing stopped yet: timm's own forward, masks and all
+            return call_next(x, attn_mask=attn_mask, is_causal=is_causal), total
         if attn_mask is not None or is_causal:
             raise ValueError("token_exit: attn_mask/is_causal cannot be combined with stopped tokens; unpatch first")
-        return self._active_block(block, self.post_norm[index], x, active)
+        return self._active_block(block, self.post_norm[index], x, active, longest, total)
 
-    def _active_block(self, block: Any, post_norm: bool, x: torch.Tensor, active: torch.Tensor):
-        """The block on the active tokens of ``x: [B, N, C]``; stopped ones are keys/values only."""
+    def _active_block(self, block: Any, post_norm: bool, x: torch.Tensor, active: torch.Tensor, longest: int,
+                      total: int):
+        """The block on the ``total`` active tokens of ``x: [B, N, C]`` (at most ``longest`` in an
+        image); stopped ones are keys/values only."""
         attn = block.attn
-        channels = x.shape[-1]
+        batch, n, channels = x.shape
         h = x if post_norm else block.norm1(x)
-        order, valid = active_first(active)  # [B, Q]
-        h_query = h.gather(1, order.unsqueeze(-1).expand(-1, -1, channels))
+        order, valid = active_first(active, longest)  # [B, Q]
+        h_query = gather_tokens(h, order)
         q, k, v, gate = split_projections(attn, h_query, h)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-        out = out.transpose(1, 2)[valid].transpose(0, 1).unsqueeze(0)  # packed: [1, H, M, d]
-        attn_out = merge_heads(attn, out, None if gate is None else gate[valid].unsqueeze(0))
-        packed = attn_residual(block, post_norm, x[active].unsqueeze(0), attn_out)  # [1, M, C]
+        heads, head_dim = out.shape[1], out.shape[3]
+        out = compact_tokens(out.transpose(1, 2).reshape(batch, longest, heads * head_dim), valid, total)[0]
+        out = out.view(1, total, heads, head_dim).transpose(1, 2)  # packed: [1, H, M, d]
+        attn_out = merge_heads(attn, out, None if gate is None else compact_tokens(gate, valid, total)[0][None])
+        packed, where = compact_tokens(x, active, total)  # [M, C] and their flat positions b * N + n
+        packed = attn_residual(block, post_norm, packed[None], attn_out)  # [1, M, C]
         packed = mlp_residual(block, post_norm, packed)
-        result = x.clone()
-        result[active] = packed[0]
-        return result, packed.shape[1]
+        result = scatter_tokens(x.reshape(1, batch * n, channels), where[None], packed)
+        return result.view(batch, n, channels), total
 
     # -- reporting ------------------------------------------------------------------------------
     def depth_map(self) -> torch.Tensor:
