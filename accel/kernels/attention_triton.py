@@ -7,7 +7,7 @@ import triton.language as tl
 
 __all__ = ["biased_attention_kernel"]
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside a kernel must be a constexpr
 
 
 def biased_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, heads, num_q, num_k, head_dim, scale,

@@ -10,7 +10,7 @@ takes no explicit schema), so ``launch`` names its arguments and types them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -23,9 +23,12 @@ class KernelOp:
     the outputs and launches ``op.jit()[grid](...)``; ``fake(...)``, with the same arguments,
     returns empty outputs of the right shapes. ``op(...)`` runs it."""
 
+    ALL: List["KernelOp"] = []  # every op defined, for tests that check all kernels
+
     def __init__(self, name: str, kernel: Callable[[], Any], launch: Callable[..., Any],
                  fake: Callable[..., Any]) -> None:
         self.name, self.kernel, self.launch, self.fake = name, kernel, launch, fake
+        KernelOp.ALL.append(self)
         self.built: Dict[bool, Any] = {}  # TRITON_INTERPRET -> the registered op
         self.jitted: Dict[bool, Any] = {}  # TRITON_INTERPRET -> the triton.jit kernel
 
