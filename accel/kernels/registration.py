@@ -10,11 +10,24 @@ takes no explicit schema), so ``launch`` names its arguments and types them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+import warnings
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 __all__ = ["KernelOp"]
+
+
+def _wrap_triton_enabled(enabled: bool) -> Any:
+    """torch's switch between tracing a wrapped Triton kernel and launching it (what ``triton_op``
+    sets around its own body); a no-op context where this torch has none."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(enabled)
 
 
 class KernelOp:
@@ -31,25 +44,40 @@ class KernelOp:
         KernelOp.ALL.append(self)
         self.built: Dict[bool, Any] = {}  # TRITON_INTERPRET -> the registered op
         self.jitted: Dict[bool, Any] = {}  # TRITON_INTERPRET -> the triton.jit kernel
+        self.wrapped: Any = None  # wrap_triton of the CUDA kernel
+        self.direct: Optional[bool] = None  # eager launches bypass the op (None: not tried yet)
 
     def __call__(self, *args: Any) -> Any:
         from .dispatch import interpreting
 
         interpret = interpreting()
         op = self.built.get(interpret) or self._build(interpret)
+        if self.direct is not False and not interpret and not torch.compiler.is_compiling():
+            # eager on a GPU: launch directly, as the op itself does inside. Its dispatch costs tens of
+            # microseconds of CPU per call, longer than the kernel at ViT sizes (docs/kernels.md).
+            try:
+                with _wrap_triton_enabled(False):
+                    return self.launch(*args)
+            except Exception as error:  # a torch whose wrapper will not launch outside tracing
+                if self.direct is not None:
+                    raise
+                warnings.warn(f"accel.kernels.{self.name}: launching outside the custom op failed ({error}); "
+                              f"going through it from now on", RuntimeWarning)
+                self.direct = False
+                return op(*args)
+            finally:
+                if self.direct is None:
+                    self.direct = True  # the first direct launch worked: no more fallbacks
         return op(*args)
 
     def jit(self) -> Any:
-        """The kernel for ``launch`` to index with its grid: wrapped for ``triton_op`` on CUDA, the
-        plain jitted kernel in the interpreter."""
+        """The kernel for ``launch`` to index with its grid: wrapped for ``triton_op`` on CUDA (a plain
+        launch outside tracing), the plain jitted kernel in the interpreter."""
         from .dispatch import interpreting
 
-        interpret = interpreting()
-        if interpret:
+        if interpreting():
             return self.jitted[True]
-        from torch.library import wrap_triton
-
-        return wrap_triton(self.jitted[False])
+        return self.wrapped
 
     @torch.compiler.disable
     def _build(self, interpret: bool) -> Any:
@@ -60,11 +88,12 @@ class KernelOp:
 
     def _register(self, interpret: bool) -> Any:
         import triton
-        from torch.library import custom_op, register_fake, triton_op
+        from torch.library import custom_op, register_fake, triton_op, wrap_triton
 
         self.jitted[interpret] = triton.jit(self.kernel())  # triton.jit reads TRITON_INTERPRET now
         name = f"accel::{self.name}{'_interpreted' if interpret else ''}"
         if not interpret:
+            self.wrapped = wrap_triton(self.jitted[False])
             return triton_op(name, self.launch, mutates_args=())
         op = custom_op(name, self.launch, mutates_args=())
         register_fake(name)(self.fake)
