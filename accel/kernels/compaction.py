@@ -17,11 +17,18 @@ input order.
 
 These are copies, so every backend gives the same bits. The references are the torch ops the
 patches used before (gather, scatter, boolean indexing / nonzero); the Triton kernels copy tiles of
-rows, one launch per op: the scatter reads each output row from one place (``src`` where a source
-lands, ``base`` elsewhere, from a ``[B, N]`` map of slots) instead of copying ``base`` and then
-overwriting, and the compaction finds each kept row's place by a prefix sum on the device. Only a
-packed list's length is data-dependent: given ``count``, neither backend reads anything back to the
-host; without it, ``compact_tokens`` counts the mask (one host sync).
+rows in one launch each: the scatter reads each output row from one place (``src`` where a source
+lands, ``base`` elsewhere, from a ``[B, N]`` map of slots made by one small torch scatter) instead
+of copying ``base`` and then overwriting, and the compaction finds each kept row's place by a prefix
+sum of the mask on the device. Only a packed list's length is data-dependent: given ``count``,
+neither backend reads anything back to the host; without it, ``compact_tokens`` counts the mask
+(one host sync).
+
+On an H100 (fp16, one call timed alone with its launches): bit-equal to the references, and
+``torch.compile(fullgraph=True)`` traces through all three; at these sizes a call is bound by its
+launches, not by memory (ViT-B batch 256: gather 0.17 ms against the reference's 0.23, scatter 0.24
+against 0.16, compaction 0.29 against 0.15), so the gain is in the host syncs removed, not yet in
+the copies.
 """
 from __future__ import annotations
 
@@ -146,11 +153,11 @@ def _compact_launch(x: torch.Tensor, mask: torch.Tensor, count: int) -> Tuple[to
         if count and not channels:  # rows without channels still have positions
             index = compact_tokens_reference(x, mask, count)[1]
         return out, index
-    keep = mask.reshape(-1).to(torch.int8)
-    dest = keep.cumsum(0) - 1  # each kept row's place in the packed list, found on the device
+    keep = mask.reshape(-1).contiguous()
+    ends = keep.cumsum(0)  # int64: each kept row's place in the packed list (plus one), found on the device
     x = _rows_contiguous(x)
     block_r, block_c, grid = _blocks(batch * tokens, channels)
-    _COMPACT.jit()[grid](x, keep, dest, out, index, batch * tokens, tokens, count, channels, x.stride(0),
+    _COMPACT.jit()[grid](x, keep, ends, out, index, batch * tokens, tokens, count, channels, x.stride(0),
                          x.stride(1), BLOCK_R=block_r, BLOCK_C=block_c)
     return out, index
 

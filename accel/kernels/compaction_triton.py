@@ -44,16 +44,17 @@ def scatter_tokens_kernel(base_ptr, slot_ptr, src_ptr, out_ptr, rows, tokens, ch
     tl.store(out_ptr + r[:, None] * channels + chans[None, :], tl.where(from_src[:, None], new, kept), mask=tile)
 
 
-def compact_tokens_kernel(x_ptr, keep_ptr, dest_ptr, out_ptr, index_ptr, rows, tokens, count, channels,
+def compact_tokens_kernel(x_ptr, keep_ptr, ends_ptr, out_ptr, index_ptr, rows, tokens, count, channels,
                           stride_xb, stride_xn, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Input row ``b * N + n`` with ``keep`` set goes to packed row ``dest`` (the number of kept rows
-    before it), and its flat position ``b * N + n`` to ``index[dest]``; nothing is written at or past
-    ``count`` (a caller's wrong count truncates, it never writes out of bounds)."""
+    """Input row ``b * N + n`` with ``keep`` set goes to packed row ``dest = ends - 1`` (``ends``: the
+    inclusive prefix sum of ``keep``, so ``dest`` counts the kept rows before it), and its flat
+    position ``b * N + n`` to ``index[dest]``; nothing is written at or past ``count`` (a caller's
+    wrong count truncates, it never writes out of bounds)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     live = r < rows
     kept = tl.load(keep_ptr + r, mask=live, other=0) != 0
-    dest = tl.load(dest_ptr + r, mask=live, other=0)
+    dest = tl.load(ends_ptr + r, mask=live, other=0) - 1
     write = live & kept & (dest < count)
     b, n = r // tokens, r % tokens
     tile = write[:, None] & (chans < channels)[None, :]
