@@ -2,6 +2,7 @@
 
     best, index = accel.kernels.best_match(a, b)                  # the backend chosen for a's device
     x, size = accel.kernels.weighted_merge(x, size, protected, unm_idx, src_idx, dst_idx)
+    x, size = accel.kernels.bipartite_merge(x, size, metric, r, protected)  # match and merge, indices on the device
     accel.kernels.best_match(a, b, backend="torch")               # or ACCEL_KERNELS=torch|triton
     out = accel.kernels.biased_attention(q, k, v, bias)          # softmax(q k^T / sqrt(D) + bias[b, key]) v
     accel.kernels.last_backend("best_match")                      # "torch" or "triton": what ran
@@ -19,8 +20,9 @@ from .attention import biased_attention_reference, biased_attention_triton
 from .dispatch import BACKENDS, last_backend, select
 from .matching import best_match_reference, best_match_triton, unit_rows
 from .merging import weighted_merge_reference, weighted_merge_triton
+from .token_merge import bipartite_merge_reference, bipartite_merge_triton, select_merges
 
-__all__ = ["best_match", "weighted_merge", "biased_attention", "last_backend", "unit_rows", "BACKENDS"]
+__all__ = ["best_match", "weighted_merge", "bipartite_merge", "select_merges", "biased_attention", "last_backend", "unit_rows", "BACKENDS"]
 
 
 def best_match(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -71,3 +73,22 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if chosen == "triton":
         return biased_attention_triton(q, k, v, bias)
     return biased_attention_reference(q, k, v, bias, dropout_p)
+
+
+def bipartite_merge(x: torch.Tensor, size: Optional[torch.Tensor], metric: torch.Tensor, r: int, protected: int, *,
+                    backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's step on ``x: [B, N, C]`` (``size [B, N, 1]``, None: all 1): match the tokens after
+    ``protected`` by ``metric: [B, N, Cm]`` (A = even positions, B = odd) and merge the ``r`` best A
+    tokens into their B tokens, size-weighted. Returns ``x [B, N - r, C]`` and ``size``; the same
+    tokens and order as ``best_match`` + ``select_merges`` + ``weighted_merge``."""
+    if x.ndim != 3 or metric.ndim != 3 or metric.shape[:2] != x.shape[:2]:
+        raise ValueError(f"bipartite_merge: expected x [B, N, C] and metric [B, N, Cm]; got {tuple(x.shape)} and "
+                         f"{tuple(metric.shape)}")
+    num_a = (x.shape[1] - protected + 1) // 2
+    if not 0 < r <= num_a or x.shape[1] - protected < 2:
+        raise ValueError(f"bipartite_merge: r must be 1..{num_a} (the A tokens after {protected} protected); got {r}")
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    if select("bipartite_merge", x, backend) == "triton":
+        return bipartite_merge_triton(x, size, metric, r, protected)
+    return bipartite_merge_reference(x, size, metric, r, protected)

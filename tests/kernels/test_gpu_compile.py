@@ -109,16 +109,18 @@ def tome_indices(n, r, protected):
     return protected, match.unm_idx, match.src_idx, match.dst_idx
 
 
-# every op with the launches that differ in their compiled code: dtypes and constexpr branches
-CALLS = {
-    "best_match": lambda dtype: [kernels.best_match(*tensors((2, 9, 64), (2, 8, 64), dtype=dtype), backend="triton"),
-                                 kernels.best_match(*tensors((2, 9, 320), (2, 8, 320), dtype=dtype), backend="triton")],
-    "weighted_merge": lambda dtype: kernels.weighted_merge(
-        *tensors((2, 17, 24), dtype=dtype), torch.ones(2, 17, 1, dtype=dtype), *tome_indices(17, 4, 1),
-        backend="triton"),
-    "biased_attention": lambda dtype: kernels.biased_attention(
-        *tensors((2, 3, 33, 64), (2, 3, 33, 64), (2, 3, 33, 64), dtype=dtype), torch.zeros(2, 33), backend="triton"),
-}
+# launches that reach every kernel, in the variants that compile differently (dtypes, constexpr branches)
+CALLS = [
+    lambda dtype: kernels.best_match(*tensors((2, 9, 64), (2, 8, 64), dtype=dtype), backend="triton"),
+    lambda dtype: kernels.best_match(*tensors((2, 9, 320), (2, 8, 320), dtype=dtype), backend="triton"),
+    lambda dtype: kernels.weighted_merge(*tensors((2, 17, 24), dtype=dtype), torch.ones(2, 17, 1, dtype=dtype),
+                                         *tome_indices(17, 4, 1), backend="triton"),
+    lambda dtype: kernels.bipartite_merge(*tensors((2, 17, 24), dtype=dtype), None, *tensors((2, 17, 8), dtype=dtype),
+                                          4, 1, backend="triton"),
+    lambda dtype: kernels.biased_attention(*tensors((2, 3, 33, 64), (2, 3, 33, 64), (2, 3, 33, 64), dtype=dtype),
+                                           torch.zeros(2, 33), backend="triton"),
+]
+KERNELS = ["best_match", "weighted_merge", "merge_targets", "merge_rows", "biased_attention"]
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -133,10 +135,10 @@ def compiled():
     keys, jobs = [], []
     with _pytest.monkeypatch.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        for name, call in CALLS.items():
+        for call in CALLS:
             for label, dtype in DTYPES.items():
                 for op, args, kwargs in capture_launches(monkeypatch, lambda: call(dtype)):
-                    keys.append((name, label))
+                    keys.append((op.name, label))
                     jobs.append(job(op, args, kwargs))
     results = {}
     for key, answer in zip(keys, compile_for_hopper(jobs)):
@@ -145,8 +147,9 @@ def compiled():
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-@pytest.mark.parametrize("name", sorted(CALLS))
+@pytest.mark.parametrize("name", KERNELS)
 def test_the_kernel_compiles_for_an_h100(compiled, name, dtype):
     answers = compiled.get((name, dtype))
     assert answers, f"{name} launched nothing"
     assert answers == ["ok"] * len(answers), answers
+

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...kernels import biased_attention
+from ...kernels import biased_attention, bipartite_merge
 from ..base import in_backward
 from ..vit_block import (TimmViTPatch, attn_residual, hook_blocks, intermediates_as_tokens, merge_heads,
                          mlp_residual, split_heads)
@@ -125,11 +125,12 @@ class ToMeTimm(TimmViTPatch):
         attn_out, metric = attention_with_size(block.attn, x if post_norm else block.norm1(x),
                                                size if self.config.prop_attn else None)
         x = attn_residual(block, post_norm, x, attn_out)
-        if r > 0:
+        if r > 0 and source is None:  # matching and merging with the indices kept on the device
+            x, size = bipartite_merge(x, size, metric, r, self.num_prefix)
+        elif r > 0:  # tracing sources needs the matching itself
             match = bipartite_soft_matching(metric, r, protected=self.num_prefix)
             x, size = merge_weighted(match, x, size)
-            if source is not None:
-                source = merge_source(match, source)
+            source = merge_source(match, source)
         return mlp_residual(block, post_norm, x), size, source, r
 
     def _pool(self, model: Any, call_next: Any, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:

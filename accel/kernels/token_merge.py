@@ -1,0 +1,121 @@
+"""ToMe's whole merge step in three launches: match, rank, merge.
+
+    x, size = bipartite_merge(x, size, metric, r, protected)
+    # x [B, N, C], size [B, N, 1] or None, metric [B, N, Cm] -> [B, N - r, C], [B, N - r, 1]
+
+Bipartite soft matching (Bolya et al. 2023, Alg. 1) of the tokens after ``protected``: A (even
+positions) to B (odd), each A token's best B token by cosine similarity of ``metric``; the ``r``
+A tokens with the best scores merge into theirs, size-weighted, and the rest keep their order.
+Output: the protected tokens, the kept A tokens, the B tokens.
+
+The reference is the torch ops ToMe ran before (``best_match``, a stable argsort, slices, a
+gather and a sort, then ``weighted_merge``): bit-identical to them on the CPU. On a GPU those are
+about twenty launches per block, each costing more CPU time than its work at ViT sizes, so the
+Triton path keeps the indices on the device in three kernels: ``best_match``; one program per
+image ranking its A tokens and writing where each goes; one program per output row summing its
+sources. Up to ``MAX_FUSED_A`` A tokens (ViTs to 448 px); beyond, the reference's indices feed the
+``weighted_merge`` kernel.
+"""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import torch
+
+from .matching import best_match_reference, best_match_triton
+from .merging import weighted_merge_reference, weighted_merge_triton
+from .registration import KernelOp
+
+__all__ = ["select_merges", "bipartite_merge_reference", "bipartite_merge_triton", "MAX_FUSED_A"]
+
+MAX_FUSED_A = 1024  # A tokens ranked in one program (a [1024, 64] comparison tile per step)
+RANK_CHUNK = 64
+
+
+def select_merges(best: torch.Tensor, best_idx: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From each A token's best score and B index (``[B, Na]``): the kept A indices in order
+    (``unm_idx [B, Na - r]``), the ``r`` best (``src_idx [B, r]``, by decreasing score, ties to
+    the lower index) and the B index each merges into (``dst_idx [B, r]``)."""
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    src_idx = order[:, :r]
+    return order[:, r:].sort(dim=-1).values, src_idx, best_idx.gather(1, src_idx)
+
+
+def _sets(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    m = metric[:, protected:]
+    return m[:, ::2], m[:, 1::2]
+
+
+def bipartite_merge_reference(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int,
+                              protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch, in ``x``'s dtype."""
+    with torch.no_grad():
+        unm_idx, src_idx, dst_idx = select_merges(*best_match_reference(*_sets(metric, protected)), r)
+    return weighted_merge_reference(x, size, protected, unm_idx, src_idx, dst_idx)
+
+
+def _targets_kernel() -> Any:
+    from .token_merge_triton import merge_targets_kernel
+
+    return merge_targets_kernel
+
+
+def _targets_launch(best: torch.Tensor, best_idx: torch.Tensor, r: int, protected: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    import triton
+
+    batch, num_a = best.shape
+    target = torch.empty(batch, num_a, device=best.device, dtype=torch.int32)
+    kept = torch.empty(batch, num_a - r, device=best.device, dtype=torch.int32)
+    block = max(16, triton.next_power_of_2(num_a))
+    _TARGETS.jit()[(batch,)](best, best_idx, target, kept, num_a, r, protected, BLOCK=block, CHUNK=RANK_CHUNK,
+                             num_warps=4 if block <= 256 else 8)
+    return target, kept
+
+
+def _targets_fake(best: torch.Tensor, best_idx: torch.Tensor, r: int, protected: int
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    batch, num_a = best.shape
+    return best.new_empty(batch, num_a, dtype=torch.int32), best.new_empty(batch, num_a - r, dtype=torch.int32)
+
+
+_TARGETS = KernelOp("merge_targets", _targets_kernel, _targets_launch, _targets_fake)
+
+
+def _rows_kernel() -> Any:
+    from .token_merge_triton import merge_rows_kernel
+
+    return merge_rows_kernel
+
+
+def _rows_launch(x: torch.Tensor, size: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, r: int,
+                 protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    import triton
+
+    batch, n, c = x.shape
+    out = x.new_empty(batch, n - r, c)
+    out_size = size.new_empty(batch, n - r, 1)
+    _ROWS.jit()[(batch, n - r)](x, size, target, kept, out, out_size, n, c, protected, target.shape[1], r,
+                                BLOCK_C=triton.next_power_of_2(c))
+    return out, out_size
+
+
+def _rows_fake(x: torch.Tensor, size: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, r: int,
+               protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    batch, n, c = x.shape
+    return x.new_empty(batch, n - r, c), size.new_empty(batch, n - r, 1)
+
+
+_ROWS = KernelOp("merge_rows", _rows_kernel, _rows_launch, _rows_fake)
+
+
+def bipartite_merge_triton(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int,
+                           protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernels: fp32 sums (each B token's sources in A order), outputs in the inputs' dtypes."""
+    a, b = _sets(metric, protected)
+    best, best_idx = best_match_triton(a, b)
+    if a.shape[1] > MAX_FUSED_A:
+        unm_idx, src_idx, dst_idx = select_merges(best, best_idx, r)
+        return weighted_merge_triton(x, size, protected, unm_idx, src_idx, dst_idx)
+    target, kept = _TARGETS(best, best_idx, r, protected)
+    return _ROWS(x.contiguous(), size.contiguous(), target, kept, r, protected)
