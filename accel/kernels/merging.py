@@ -132,9 +132,12 @@ def _segments(dst_idx: torch.Tensor, num_b: int) -> Tuple[torch.Tensor, torch.Te
     """The sources by destination without a host sync: ``order [B, r]`` (a stable sort of ``dst_idx``:
     ties in matching order) and ``bounds [B, Nb + 1]``, destination ``j``'s segment of ``order`` being
     ``bounds[j]:bounds[j + 1]``."""
-    ordered, order = dst_idx.sort(dim=1, stable=True)
-    wanted = torch.arange(num_b + 1, device=dst_idx.device).expand(dst_idx.shape[0], -1).contiguous()
-    return order, torch.searchsorted(ordered, wanted)
+    # A radix sort's passes follow the key's width, so the keys are narrowed: on an H100 the sort of
+    # [2, 8192] int64 keys took 56 us, more than the merge kernel (23 us); int16 not measured yet.
+    keys = dst_idx.to(torch.int16 if num_b < 2 ** 15 else torch.int32)
+    ordered, order = keys.sort(dim=1, stable=True)
+    wanted = torch.arange(num_b + 1, device=dst_idx.device, dtype=keys.dtype).expand(dst_idx.shape[0], -1)
+    return order, torch.searchsorted(ordered, wanted.contiguous())
 
 
 def _merge_kernel() -> Any:
