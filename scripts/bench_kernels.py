@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one tiny size, 2 rounds: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="JSON record, rewritten after every section")
-    parser.add_argument("--sections", default="match,merge,attention", help="comma-separated, in the order to run")
+    parser.add_argument("--sections", default="tome,match,merge,attention", help="comma-separated, in the order to run")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
@@ -115,7 +115,8 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     backends = ("torch", "triton") if gpu else ("torch",)
-    sections = {"match": lambda: bench_matching(sizes, backends, device, dtype, repeats, g),
+    sections = {"tome": lambda: bench_tome(sizes, backends, device, dtype, repeats, g),
+                "match": lambda: bench_matching(sizes, backends, device, dtype, repeats, g),
                 "merge": lambda: bench_merging(sizes, backends, device, dtype, repeats, g),
                 "attention": lambda: bench_attention(ATTENTION_QUICK if args.quick else ATTENTION, device, dtype,
                                                      repeats, g)}
@@ -129,6 +130,19 @@ def main() -> None:
         except Exception as error:  # a section that fails on this machine must not cost the others
             print(f"\n{name}: failed: {type(error).__name__}: {error}", flush=True)
             record.setdefault("failed", {})[name] = f"{type(error).__name__}: {error}"
+
+
+def bench_tome(sizes, backends, device, dtype, repeats, g) -> List[Dict[str, Any]]:
+    """0. ToMe's whole step (match and merge, r = 16 or a quarter of the tokens), as a block calls it"""
+    rows = []
+    for label, batch, n, c in sizes:
+        x = torch.randn(batch, n, 768 if n < 1000 else c, generator=g).to(device, dtype)
+        metric = torch.randn(batch, n, c, generator=g).to(device, dtype)
+        size = torch.randint(1, 4, (batch, n, 1), generator=g).to(device, dtype)
+        r, protected = (16, 1) if n < 1000 else (n // 4, 0)
+        calls = {k: (lambda k=k: kernels.bipartite_merge(x, size, metric, r, protected, backend=k)) for k in backends}
+        rows += [{"size": label, **row} for row in bench_op("bipartite_merge", calls, device, repeats)]
+    return rows
 
 
 def bench_matching(sizes, backends, device, dtype, repeats, g) -> List[Dict[str, Any]]:
