@@ -62,7 +62,8 @@ def test_half_precision_accumulates_in_fp32(dtype):
 
 
 def test_the_dispatcher_and_tome_on_both_kernels(monkeypatch):
-    """ToMe on a ViT with ACCEL_KERNELS=triton: both ops on the kernels, the reference's merges."""
+    """ToMe on a ViT tracing sources (the path that keeps the matching: best_match, weighted_merge and
+    amax_merge) with ACCEL_KERNELS=triton: every op on the kernels, the reference's merges."""
     import accel
     from tests.conftest import images, make_vit
 
@@ -74,10 +75,11 @@ def test_the_dispatcher_and_tome_on_both_kernels(monkeypatch):
         kernels.weighted_merge(x[0], size, *match)
     model, pictures = make_vit(), images(3)
     with torch.inference_mode():
-        accel.patch(model, tome=4)
+        accel.patch(model, tome=accel.ToMe(r=4, trace_source=True))
         monkeypatch.setenv("ACCEL_KERNELS", "torch")
         reference = model(pictures)
         monkeypatch.setenv("ACCEL_KERNELS", "triton")
         fused = model(pictures)
-    assert kernels.last_backend("weighted_merge") == "triton" and kernels.last_backend("best_match") == "triton"
+    for op in ("best_match", "weighted_merge", "amax_merge"):
+        assert kernels.last_backend(op) == "triton", op
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
