@@ -14,15 +14,15 @@ as a ``[B, 1, 1, Nk]`` float mask (bit-identical on the CPU).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import interpreting
+from .dispatch import interpreting, select
 from .registration import KernelOp
 
-__all__ = ["biased_attention_reference", "biased_attention_triton"]
+__all__ = ["biased_attention", "biased_attention_reference", "biased_attention_triton"]
 
 
 def biased_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -54,9 +54,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     out = torch.empty(batch, num_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     block_m, block_n, warps = _blocks(num_q, head_dim)
     grid = (triton.cdiv(num_q, block_m), batch * heads)
-    _OP.jit()[grid](q, k, v, bias, out, heads, num_q, num_k, head_dim, 1.0 / math.sqrt(head_dim),
+    _OP.jit()[grid](q, k, v, bias, out, heads, num_q, num_k, head_dim,
                     *q.stride(), *k.stride(), *v.stride(), *out.stride(), bias.stride(0),
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                    SCALE=1.0 / math.sqrt(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                    BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     WIDEN=interpreting() and q.dtype == torch.bfloat16, num_warps=warps)
     return out
@@ -74,3 +75,20 @@ def biased_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     """The fused kernel: fp32 scores and softmax, output in q's dtype, laid out ``[B, Nq, H, D]`` in
     memory (returned as ``[B, H, Nq, D]``)."""
     return _OP(q, k, v, bias.contiguous())
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *,
+                     dropout_p: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D) + bias[b, key]) v`` for ``q: [B, H, Nq, D]``, ``k, v: [B, H, Nk, D]``
+    and a per-key ``bias: [B, Nk]`` (proportional attention's log size; -inf masks a key). The
+    reference is SDPA with the bias as a float mask in q's dtype; attention dropout
+    (``dropout_p > 0``) always takes it."""
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"biased_attention: expected q [B, H, Nq, D] and k, v [B, H, Nk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if bias.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"biased_attention: bias must be [B, Nk] = {(k.shape[0], k.shape[2])}; got {tuple(bias.shape)}")
+    chosen = select("biased_attention", q, "torch" if dropout_p else backend)
+    if chosen == "triton":
+        return biased_attention_triton(q, k, v, bias)
+    return biased_attention_reference(q, k, v, bias, dropout_p)

@@ -10,12 +10,12 @@ __all__ = ["biased_attention_kernel"]
 LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside a kernel must be a constexpr
 
 
-def biased_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, heads, num_q, num_k, head_dim, scale,
+def biased_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, heads, num_q, num_k, head_dim,
                             stride_qb, stride_qh, stride_qn, stride_qd,
                             stride_kb, stride_kh, stride_kn, stride_kd,
                             stride_vb, stride_vh, stride_vn, stride_vd,
                             stride_ob, stride_oh, stride_on, stride_od, stride_bb,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     """One program per (block of queries, image and head): keys and values stream through in tiles,
     softmax(q k^T * scale + bias) v kept as a running maximum, sum and output (online softmax, in
@@ -29,7 +29,7 @@ def biased_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, heads, num_q
                 mask=(rows[:, None] < num_q) & (dims[None, :] < head_dim), other=0.0)
     if WIDEN:
         q = q.to(tl.float32)
-    qk_scale = scale * LOG2E
+    qk_scale = SCALE * LOG2E  # a constexpr: torch.compile would pass a float argument as fp64
     running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)

@@ -11,14 +11,14 @@ a product-sum of normalised rows; wide ones (SD features) ``tl.dot`` on the tens
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
-from .dispatch import interpreting
+from .dispatch import interpreting, select
 from .registration import KernelOp
 
-__all__ = ["unit_rows", "best_match_reference", "best_match_triton"]
+__all__ = ["best_match", "unit_rows", "best_match_reference", "best_match_triton"]
 
 BLOCK_A, BLOCK_B = 16, 16  # rows of a and of b per tile of the product-sum (a [16, 16, C] product)
 DOT_ABOVE = 64  # wider metrics (SD features, 320+ channels) take tensor-core tiles, 64 x 64 x 64
@@ -73,3 +73,18 @@ def best_match_triton(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, t
     """The fused kernel: ``[B, Na]`` best cosine similarity (float32, accumulated in fp32 whatever the
     input dtype) and its b-index."""
     return _OP(a, b)
+
+
+def best_match(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``a: [B, Na, C]``, the most similar row of ``b: [B, Nb, C]`` (cosine
+    similarity; ties to the lower index): ``best [B, Na]`` and ``index [B, Na]`` (int64). The
+    Triton kernel returns ``best`` in float32, the reference in ``a``'s dtype."""
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        raise ValueError(f"best_match: expected a [B, Na, C] and b [B, Nb, C]; got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if b.shape[1] == 0:
+        raise ValueError("best_match: b has no rows to match to")
+    chosen = select("best_match", a, backend)
+    if chosen == "triton":
+        return best_match_triton(a, b)
+    return best_match_reference(a, b)

@@ -31,7 +31,7 @@ import torch
 from .dispatch import select
 from .registration import KernelOp
 
-__all__ = ["weighted_merge_reference", "weighted_merge_triton", "mean_merge", "amax_merge", "mean_merge2d",
+__all__ = ["weighted_merge", "weighted_merge_reference", "weighted_merge_triton", "mean_merge", "amax_merge", "mean_merge2d",
            "merge_reference", "merge2d_reference", "mean_merge_triton", "amax_merge_triton", "mean_merge2d_triton"]
 
 ROWS = 4  # output rows per program of the plain merges: a [4, BLOCK_C] tile
@@ -276,3 +276,21 @@ def mean_merge2d(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, unm_
     if select("mean_merge2d", x, backend) == "triton":
         return mean_merge2d_triton(x, a_idx, b_idx, unm_idx, src_idx, dst_idx)
     return merge2d_reference(x, a_idx, b_idx, unm_idx, src_idx, dst_idx, "mean")
+
+
+def weighted_merge(x: torch.Tensor, size: Optional[torch.Tensor], protected: int, unm_idx: torch.Tensor,
+                   src_idx: torch.Tensor, dst_idx: torch.Tensor, *, backend: Optional[str] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x: [B, N, C]`` by a bipartite matching (``unm_idx [B, Na - r]``, ``src_idx``/``dst_idx
+    [B, r]``, after ``protected`` tokens), each token weighted by ``size [B, N, 1]`` (None: all 1):
+    ``x [B, N - r, C]`` and the summed ``size [B, N - r, 1]``. The reference computes in ``x``'s
+    dtype; the Triton kernel accumulates in fp32 (equal in fp32, within bf16/fp16 rounding else)."""
+    if x.ndim != 3 or src_idx.shape != dst_idx.shape or src_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"weighted_merge: expected x [B, N, C] and src_idx, dst_idx [B, r]; got {tuple(x.shape)}, "
+                         f"{tuple(src_idx.shape)}, {tuple(dst_idx.shape)}")
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    chosen = select("weighted_merge", x, backend)
+    if chosen == "triton":
+        return weighted_merge_triton(x, size, protected, unm_idx, src_idx, dst_idx)
+    return weighted_merge_reference(x, size, protected, unm_idx, src_idx, dst_idx)

@@ -18,27 +18,31 @@ sources. Up to ``MAX_FUSED_A`` A tokens (ViTs to 448 px); beyond, the reference'
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
 from .matching import best_match_reference, best_match_triton
 from .merging import weighted_merge_reference, weighted_merge_triton
+from .dispatch import select
 from .registration import KernelOp
 
-__all__ = ["select_merges", "bipartite_merge_reference", "bipartite_merge_triton", "MAX_FUSED_A"]
+__all__ = ["bipartite_merge", "select_merges", "bipartite_merge_reference", "bipartite_merge_triton", "MAX_FUSED_A"]
 
 MAX_FUSED_A = 1024  # A tokens ranked in one program (a [1024, 64] comparison tile per step)
 RANK_CHUNK = 64
 
 
-def select_merges(best: torch.Tensor, best_idx: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From each A token's best score and B index (``[B, Na]``): the kept A indices in order
-    (``unm_idx [B, Na - r]``), the ``r`` best (``src_idx [B, r]``, by decreasing score, ties to
-    the lower index) and the B index each merges into (``dst_idx [B, r]``)."""
+def select_merges(best: torch.Tensor, best_idx: torch.Tensor, r: int, *, sort_kept: bool = True
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From each A token's best score and B index (``[B, Na]``): the kept A indices
+    (``unm_idx [B, Na - r]``, in order, or by decreasing score with ``sort_kept=False``), the ``r``
+    best (``src_idx [B, r]``, by decreasing score, ties to the lower index) and the B index each
+    merges into (``dst_idx [B, r]``)."""
     order = best.argsort(dim=-1, descending=True, stable=True)
     src_idx = order[:, :r]
-    return order[:, r:].sort(dim=-1).values, src_idx, best_idx.gather(1, src_idx)
+    unm_idx = order[:, r:].sort(dim=-1).values if sort_kept else order[:, r:]
+    return unm_idx, src_idx, best_idx.gather(1, src_idx)
 
 
 def _sets(metric: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +123,22 @@ def bipartite_merge_triton(x: torch.Tensor, size: torch.Tensor, metric: torch.Te
         return weighted_merge_triton(x, size, protected, unm_idx, src_idx, dst_idx)
     target, kept = _TARGETS(best, best_idx, r, protected)
     return _ROWS(x.contiguous(), size.contiguous(), target, kept, r, protected)
+
+
+def bipartite_merge(x: torch.Tensor, size: Optional[torch.Tensor], metric: torch.Tensor, r: int, protected: int, *,
+                    backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's step on ``x: [B, N, C]`` (``size [B, N, 1]``, None: all 1): match the tokens after
+    ``protected`` by ``metric: [B, N, Cm]`` (A = even positions, B = odd) and merge the ``r`` best A
+    tokens into their B tokens, size-weighted. Returns ``x [B, N - r, C]`` and ``size``; the same
+    tokens and order as ``best_match`` + ``select_merges`` + ``weighted_merge``."""
+    if x.ndim != 3 or metric.ndim != 3 or metric.shape[:2] != x.shape[:2]:
+        raise ValueError(f"bipartite_merge: expected x [B, N, C] and metric [B, N, Cm]; got {tuple(x.shape)} and "
+                         f"{tuple(metric.shape)}")
+    num_a = (x.shape[1] - protected + 1) // 2
+    if not 0 < r <= num_a or x.shape[1] - protected < 2:
+        raise ValueError(f"bipartite_merge: r must be 1..{num_a} (the A tokens after {protected} protected); got {r}")
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    if select("bipartite_merge", x, backend) == "triton":
+        return bipartite_merge_triton(x, size, metric, r, protected)
+    return bipartite_merge_reference(x, size, metric, r, protected)

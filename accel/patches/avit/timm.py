@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...kernels.compaction import compact_tokens, gather_tokens, scatter_tokens
+from ...kernels import compact_tokens, gather_tokens, scatter_tokens
 from ..vit_block import (TimmViTPatch, attn_residual, block_forward, merge_heads, mlp_residual, patch_grid,
                          split_heads)
 from .config import AViT

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ...kernels.compaction import compact_tokens, gather_tokens
+from ...kernels import compact_tokens, gather_tokens
 from ..base import config_dict
 from ..vit_block import TimmViTPatch
 from .config import EarlyExit

@@ -11,7 +11,7 @@ from typing import Tuple
 
 import torch
 
-from ...kernels.compaction import gather_tokens
+from ...kernels import gather_tokens
 
 __all__ = ["cls_attention", "num_kept", "keep_and_fuse"]
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ...kernels.compaction import gather_tokens, scatter_tokens
+from ...kernels import gather_tokens, scatter_tokens
 from ..diffusers_model import DIT, PIXART, DiffusersPatch, attend_to
 from .config import RegionCache
 from .regions import pixel_mask, region_ids, select_tokens, token_mask, token_scores

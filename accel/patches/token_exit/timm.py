@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels.compaction import compact_tokens, gather_tokens, scatter_tokens
+from ...kernels import compact_tokens, gather_tokens, scatter_tokens
 from ..avit.halting import halting_score
 from ..base import in_backward
 from ..vit_block import TimmViTPatch, attn_residual, hook_blocks, merge_heads, mlp_residual, patch_grid, split_heads

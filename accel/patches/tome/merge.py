@@ -15,9 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ...kernels import best_match, unit_rows, weighted_merge
-from ...kernels.merging import amax_merge, mean_merge, merge_reference
-from ...kernels.unmerging import unmerge
+from ...kernels import amax_merge, best_match, mean_merge, select_merges, unit_rows, unmerge, weighted_merge
+from ...kernels.merging import merge_reference
 
 __all__ = ["BipartiteMatch", "unit_rows", "match_sets", "bipartite_soft_matching", "merge_weighted", "merge_source",
            "initial_source"]
@@ -62,10 +61,7 @@ def match_sets(a: torch.Tensor, b: torch.Tensor, r: int) -> Tuple[torch.Tensor, 
     the ``r`` strongest edges are kept (ties to the lower index). Returns ``unm_idx [B, Na - r]`` (by
     decreasing similarity), ``src_idx [B, r]`` and ``dst_idx [B, r]`` (the b-index each of those merges into).
     """
-    best, best_idx = best_match(a, b)  # [B, Na] best cosine similarity
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    src_idx = order[:, :r]
-    return order[:, r:], src_idx, best_idx.gather(1, src_idx)
+    return select_merges(*best_match(a, b), r, sort_kept=False)
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> BipartiteMatch:
@@ -81,8 +77,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
         return BipartiteMatch(protected, n, unm_idx, unm_idx[:, :0], unm_idx[:, :0])
     with torch.no_grad():
         m = metric[:, protected:]  # best_match normalises the rows
-        unm_idx, src_idx, dst_idx = match_sets(m[:, ::2], m[:, 1::2], r)
-        unm_idx = unm_idx.sort(dim=-1).values  # unmerged tokens keep their order
+        unm_idx, src_idx, dst_idx = select_merges(*best_match(m[:, ::2], m[:, 1::2]), r)  # kept tokens in order
     return BipartiteMatch(protected, n, unm_idx, src_idx, dst_idx)
 
 

@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...kernels.merging import mean_merge2d, merge2d_reference
-from ...kernels.unmerging import unmerge2d
+from ...kernels import mean_merge2d, unmerge2d
+from ...kernels.merging import merge2d_reference
 from .merge import match_sets
 
 __all__ = ["GridMatch", "grid_destinations", "bipartite_soft_matching_random2d", "downsample_tokens"]
