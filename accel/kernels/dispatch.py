@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "select", "last_backend", "triton_available", "interpreting"]
+__all__ = ["BACKENDS", "select", "last_backend", "triton_available", "interpreting", "automatic"]
 
 BACKENDS = ("torch", "triton")
 _LAST: Dict[str, str] = {}  # op -> the backend of its latest call: a diagnostic record, not per-call state
@@ -64,6 +64,12 @@ def _choose(op: str, tensor: torch.Tensor, backend: Optional[str]) -> str:
                              f"(its interpreter); got a {tensor.device.type} tensor")
         return "triton"
     return "triton" if tensor.device.type == "cuda" and triton_available() else "torch"
+
+
+def automatic(backend: Optional[str]) -> bool:
+    """Whether the choice is left to the dispatcher (no ``backend=`` and no ``ACCEL_KERNELS``): then an
+    op may keep the reference on CUDA at sizes where its kernel was measured slower."""
+    return backend is None and not os.environ.get("ACCEL_KERNELS")
 
 
 def last_backend(op: str) -> Optional[str]:

@@ -116,3 +116,22 @@ def test_tome_proportional_attention_runs_on_the_kernel(monkeypatch):
         fused = model(pictures)
     assert kernels.last_backend("biased_attention") == "triton"
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+
+
+def test_the_automatic_choice_keeps_sdpa_where_the_kernel_lost(monkeypatch):
+    """On CUDA the kernel runs for many short sequences only (measured on an H100); asking for it
+    by name, or by ACCEL_KERNELS, always runs it."""
+    from accel.kernels.attention import kernel_wins
+
+    many_short = torch.empty(256, 16, 181, 64, device="meta")
+    assert kernel_wins(many_short, many_short)
+    assert not kernel_wins(many_short[:64, :12], many_short[:64, :12])  # ViT-B batch 64
+    long = torch.empty(2, 8, 4096, 40, device="meta")
+    assert not kernel_wins(long, long)  # SD latents
+    q, k, v, bias = data(1, 2, 6, 6, 8)
+    monkeypatch.delenv("ACCEL_KERNELS", raising=False)
+    monkeypatch.setattr("accel.kernels.dispatch._choose", lambda op, tensor, backend: backend or "triton")
+    kernels.biased_attention(q, k, v, bias)  # as if on CUDA: a small batch keeps SDPA
+    assert kernels.last_backend("biased_attention") == "torch"
+    kernels.biased_attention(q, k, v, bias, backend="triton")
+    assert kernels.last_backend("biased_attention") == "triton"
