@@ -7,7 +7,11 @@ cut off by a time limit still returns what it measured:
    reference writes the Na x Nb score matrix, the kernel never does).
 2. ``weighted_merge`` at the same sizes with r = a quarter of the tokens: time and achieved memory
    bandwidth (bytes read and written once over the time).
-3. attention with an additive per-key bias (proportional attention's log size): PyTorch's
+3. ``unmerge`` and the plain merges (ToMe's mean merge, source tracing's amax, ToMe-SD's grid merge
+   and unmerge), with the bandwidth column.
+4. gather, scatter-back and compaction of ragged token sets (EViT, A-ViT, token exit, early exit,
+   RegionCache) at ViT-B batch 256 and DiT-XL/2 sizes.
+5. attention with an additive per-key bias (proportional attention's log size): PyTorch's
    ``scaled_dot_product_attention`` without a mask (the flash path, the floor), with the bias as a
    float mask, and FlexAttention with a ``score_mod`` adding it (GPU only).
 
@@ -92,7 +96,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one tiny size, 2 rounds: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="JSON record, rewritten after every section")
-    parser.add_argument("--sections", default="tome,match,merge,attention", help="comma-separated, in the order to run")
+    parser.add_argument("--sections", default="tome,match,merge,unmerge,compaction,attention", help="comma-separated, in the order to run")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
@@ -118,6 +122,9 @@ def main() -> None:
     sections = {"tome": lambda: bench_tome(sizes, backends, device, dtype, repeats, g),
                 "match": lambda: bench_matching(sizes, backends, device, dtype, repeats, g),
                 "merge": lambda: bench_merging(sizes, backends, device, dtype, repeats, g),
+                "unmerge": lambda: bench_unmerging(sizes, backends, device, dtype, repeats, g),
+                "compaction": lambda: bench_compaction(backends, device, dtype, repeats, g,
+                                                       COMPACTION_QUICK if args.quick else COMPACTION),
                 "attention": lambda: bench_attention(ATTENTION_QUICK if args.quick else ATTENTION, device, dtype,
                                                      repeats, g)}
     for name in args.sections.split(","):
@@ -167,6 +174,79 @@ def bench_merging(sizes, backends, device, dtype, repeats, g) -> List[Dict[str, 
         moved = (x.numel() + (x.shape[1] - match.r) * batch * c) * x.element_size()  # read x, write the merge
         calls = {k: (lambda k=k: kernels.weighted_merge(*args_, backend=k)) for k in backends}
         rows += [{"size": label, **row} for row in bench_op("weighted_merge", calls, device, repeats, moved)]
+    return rows
+
+
+def bench_unmerging(sizes, backends, device, dtype, repeats, g) -> List[Dict[str, Any]]:
+    """3. unmerge and the plain merges: ToMe's mean merge, unmerge and source tracing (amax on the
+    [B, N, N] 0/1 source matrix, ViT sizes only) with r = a quarter of the tokens; ToMe-SD's grid merge
+    and unmerge (2x2 windows, half the tokens merged, as tomesd's ratio 0.5) where the tokens form a
+    square grid. Bandwidth: each row read and written once (unmerge reads N - r rows, writes N)."""
+    from accel.patches.tome.merge import initial_source
+    from accel.patches.tome.merge2d import bipartite_soft_matching_random2d
+
+    rows = []
+
+    def add(label, name, fn, args, moved):
+        calls = {k: (lambda k=k: (fn(*args, backend=k),)) for k in backends}
+        rows.extend({"size": label, **row} for row in bench_op(name, calls, device, repeats, moved))
+
+    for label, batch, n, c in sizes:
+        x = torch.randn(batch, n, c, generator=g).to(device, dtype)
+        item = x.element_size()
+        match = bipartite_soft_matching(x, n // 4, protected=1 if n % 2 else 0)
+        idx = (match.protected, match.unm_idx, match.src_idx, match.dst_idx)
+        kept = n - match.r
+        add(label, "mean_merge", kernels.mean_merge, (x,) + idx, (n + kept) * batch * c * item)
+        add(label, "unmerge", kernels.unmerge, (match.merge(x),) + idx, (kept + n) * batch * c * item)
+        if n <= 1024:  # the source matrix is [B, N, N]
+            source = initial_source(batch, n, device, dtype).contiguous()
+            add(label, "amax_merge", kernels.amax_merge, (source,) + idx, (n + kept) * batch * n * item)
+        side = int(round(n ** 0.5))
+        if side * side == n:
+            grid = bipartite_soft_matching_random2d(x, side, side, 2, 2, n // 2,
+                                                    generator=torch.Generator().manual_seed(0))
+            gidx = (grid.a_idx, grid.b_idx, grid.unm_idx, grid.src_idx, grid.dst_idx)
+            kept = n - grid.r
+            add(label, "mean_merge2d", kernels.mean_merge2d, (x,) + gidx, (n + kept) * batch * c * item)
+            add(label, "unmerge2d", kernels.unmerge2d, (grid.merge(x),) + gidx, (kept + n) * batch * c * item)
+    return rows
+
+
+# (label, batch, tokens, channels): ViT-B/16 at 224 px, batch 256 (EViT keeps, token exit and A-ViT
+# pack, early exit drops images); DiT-XL/2 at 512 px (1024 tokens, 1152 channels), batch 4 with
+# guidance (RegionCache gathers and scatters back)
+COMPACTION = [("ViT-B b256", 256, 197, 768), ("DiT-XL/2 512px b4", 4, 1024, 1152)]
+COMPACTION_QUICK = [("tiny", 3, 33, 16)]
+
+
+def bench_compaction(backends, device, dtype, repeats, g, sizes=COMPACTION) -> List[Dict[str, Any]]:
+    """4. gather, scatter-back and masked compaction of token rows, about half of them kept: time and
+    achieved bandwidth (the rows read and written once)"""
+    rows = []
+    for label, batch, n, c in sizes:
+        item = torch.empty((), dtype=dtype).element_size()
+        x = torch.randn(batch, n, c, generator=g).to(device, dtype)
+        k = n // 2
+        # EViT: half of the tokens after CLS kept, in order; RegionCache: half of all tokens chosen
+        kept = torch.rand(batch, n - 1, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values.to(device)
+        chosen = torch.rand(batch, n, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values.to(device)
+        src = torch.randn(batch, k, c, generator=g).to(device, dtype)
+        mask = (torch.rand(batch, n, generator=g) < 0.5).to(device)  # ragged: about half of each image
+        count = int(mask.sum())
+        stay = (torch.rand(1, batch, generator=g) < 0.5).to(device)  # early exit: about half the images stay
+        stay[0, 0] = True
+        images, staying = x.reshape(1, batch, n * c), int(stay.sum())
+        cases = [
+            ("gather_tokens", lambda b: (kernels.gather_tokens(x, kept, 1, backend=b),), 2 * batch * (1 + k) * c),
+            ("scatter_tokens", lambda b: (kernels.scatter_tokens(x, chosen, src, backend=b),), 2 * batch * n * c),
+            ("compact_tokens", lambda b: kernels.compact_tokens(x, mask, count, backend=b), 2 * count * c),
+            ("compact_tokens images", lambda b: kernels.compact_tokens(images, stay, staying, backend=b),
+             2 * staying * n * c),
+        ]
+        for name, call, elements in cases:
+            calls = {backend: (lambda backend=backend, call=call: call(backend)) for backend in backends}
+            rows += [{"size": label, **row} for row in bench_op(name, calls, device, repeats, elements * item)]
     return rows
 
 
