@@ -80,6 +80,20 @@ def test_bench_kernels_writes_each_section_as_it_finishes(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["op"], r["backend"]) for r in rows] == [("best_match", "torch"), ("weighted_merge", "torch")]
+    assert [r["op"] for r in rows] == ["bipartite_merge", "best_match", "weighted_merge", "mean_merge", "unmerge",
+                                       "amax_merge", "gather_tokens", "scatter_tokens", "compact_tokens",
+                                       "compact_tokens images"]  # attention: GPU only
+    assert {r["backend"] for r in rows} == {"torch"}
     assert all(r["ms"] > 0 and r["speedup"] == 1.0 for r in rows)  # the CPU times the reference only
     assert "torch reference only (CPU)" in done.stdout
+
+
+def test_gpu_probe_adaptive_sets_both_methods_to_the_asked_depth():
+    """The ViT-B-sized A-ViT / early-exit probe, on its CPU toy: both methods calibrated to a mean
+    depth of 2 of 4 blocks (early exit can only stop after blocks 1, 2 or 3), then timed."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_probe.py"), "adaptive", "--small"]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    (result,) = json.loads(done.stdout.strip().splitlines()[-1]).values()
+    assert result["unpatched"]["mean depth"] == 4 and result["unpatched"]["speedup"] == 1.0
+    depths = {label.split()[0]: row["mean depth"] for label, row in result.items() if label != "unpatched"}
+    assert abs(depths["avit"] - 2.0) < 0.5 and 1.0 <= depths["early_exit"] <= 3.0

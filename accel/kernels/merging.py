@@ -41,22 +41,11 @@ def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, channels)
 
 
-def _merge_sum(t: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
-               dst_idx: torch.Tensor) -> torch.Tensor:
-    head, rest = t[:, :protected], t[:, protected:]
-    a, b = rest[:, ::2], rest[:, 1::2]
-    c = t.shape[-1]
-    unm = a.gather(1, _expand(unm_idx, c))
-    src = a.gather(1, _expand(src_idx, c))
-    b = b.scatter_reduce(1, _expand(dst_idx, c), src, reduce="sum", include_self=True)
-    return torch.cat([head, unm, b], dim=1)
-
-
 def weighted_merge_reference(x: torch.Tensor, size: torch.Tensor, protected: int, unm_idx: torch.Tensor,
                              src_idx: torch.Tensor, dst_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain torch, in ``x``'s dtype."""
-    merged = _merge_sum(x * size, protected, unm_idx, src_idx, dst_idx)
-    size = _merge_sum(size, protected, unm_idx, src_idx, dst_idx)
+    merged = merge_reference(x * size, protected, unm_idx, src_idx, dst_idx, mode="sum")
+    size = merge_reference(size, protected, unm_idx, src_idx, dst_idx, mode="sum")
     return merged / size, size
 
 

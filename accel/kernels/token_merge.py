@@ -12,12 +12,13 @@ The reference is the torch ops ToMe ran before (``best_match``, a stable argsort
 gather and a sort, then ``weighted_merge``): bit-identical to them on the CPU. On a GPU those are
 about twenty launches per block, each costing more CPU time than its work at ViT sizes, so the
 Triton path keeps the indices on the device in three kernels: ``best_match``; one program per
-image ranking its A tokens and writing where each goes; one program per output row summing its
-sources. Up to ``MAX_FUSED_A`` A tokens (ViTs to 448 px); beyond, the reference's indices feed the
+image ranking its A tokens and writing where each goes and each B token's sources; one program per
+output row summing them. Up to ``MAX_FUSED_A`` A tokens (ViTs to 448 px); beyond, the reference's indices feed the
 ``weighted_merge`` kernel.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Tuple
 
 import torch
@@ -64,23 +65,28 @@ def _targets_kernel() -> Any:
     return merge_targets_kernel
 
 
-def _targets_launch(best: torch.Tensor, best_idx: torch.Tensor, r: int, protected: int
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _targets_launch(best: torch.Tensor, best_idx: torch.Tensor, r: int, protected: int, num_b: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     import triton
 
     batch, num_a = best.shape
     target = torch.empty(batch, num_a, device=best.device, dtype=torch.int32)
     kept = torch.empty(batch, num_a - r, device=best.device, dtype=torch.int32)
+    start = torch.empty(batch, num_b, device=best.device, dtype=torch.int32)
+    count = torch.empty(batch, num_b, device=best.device, dtype=torch.int32)
+    sources = torch.empty(batch, r, device=best.device, dtype=torch.int32)
     block = max(16, triton.next_power_of_2(num_a))
-    _TARGETS.jit()[(batch,)](best, best_idx, target, kept, num_a, r, protected, BLOCK=block, CHUNK=RANK_CHUNK,
+    _TARGETS.jit()[(batch,)](best, best_idx, target, kept, start, count, sources, num_a, num_b, r, protected,
+                             BLOCK=block, BLOCK_B=max(16, triton.next_power_of_2(num_b)), CHUNK=RANK_CHUNK,
                              num_warps=4 if block <= 256 else 8)
-    return target, kept
+    return target, kept, start, count, sources
 
 
-def _targets_fake(best: torch.Tensor, best_idx: torch.Tensor, r: int, protected: int
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _targets_fake(best: torch.Tensor, best_idx: torch.Tensor, r: int, protected: int, num_b: int
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, num_a = best.shape
-    return best.new_empty(batch, num_a, dtype=torch.int32), best.new_empty(batch, num_a - r, dtype=torch.int32)
+    new = functools.partial(best.new_empty, dtype=torch.int32)
+    return new(batch, num_a), new(batch, num_a - r), new(batch, num_b), new(batch, num_b), new(batch, r)
 
 
 _TARGETS = KernelOp("merge_targets", _targets_kernel, _targets_launch, _targets_fake)
@@ -92,21 +98,23 @@ def _rows_kernel() -> Any:
     return merge_rows_kernel
 
 
-def _rows_launch(x: torch.Tensor, size: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, r: int,
-                 protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rows_launch(x: torch.Tensor, size: torch.Tensor, kept: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+                 sources: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
     import triton
 
     batch, n, c = x.shape
+    r = sources.shape[1]
     out = x.new_empty(batch, n - r, c)
     out_size = size.new_empty(batch, n - r, 1)
-    _ROWS.jit()[(batch, n - r)](x, size, target, kept, out, out_size, n, c, protected, target.shape[1], r,
-                                BLOCK_C=triton.next_power_of_2(c))
+    _ROWS.jit()[(batch, n - r)](x, size, kept, start, count, sources, out, out_size, n, c, protected,
+                                kept.shape[1] + r, start.shape[1], r, BLOCK_C=triton.next_power_of_2(c))
     return out, out_size
 
 
-def _rows_fake(x: torch.Tensor, size: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, r: int,
-               protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rows_fake(x: torch.Tensor, size: torch.Tensor, kept: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+               sources: torch.Tensor, protected: int) -> Tuple[torch.Tensor, torch.Tensor]:
     batch, n, c = x.shape
+    r = sources.shape[1]
     return x.new_empty(batch, n - r, c), size.new_empty(batch, n - r, 1)
 
 
@@ -121,8 +129,8 @@ def bipartite_merge_triton(x: torch.Tensor, size: torch.Tensor, metric: torch.Te
     if a.shape[1] > MAX_FUSED_A:
         unm_idx, src_idx, dst_idx = select_merges(best, best_idx, r)
         return weighted_merge_triton(x, size, protected, unm_idx, src_idx, dst_idx)
-    target, kept = _TARGETS(best, best_idx, r, protected)
-    return _ROWS(x.contiguous(), size.contiguous(), target, kept, r, protected)
+    _, kept, start, count, sources = _TARGETS(best, best_idx, r, protected, b.shape[1])
+    return _ROWS(x.contiguous(), size.contiguous(), kept, start, count, sources, protected)
 
 
 def bipartite_merge(x: torch.Tensor, size: Optional[torch.Tensor], metric: torch.Tensor, r: int, protected: int, *,

@@ -47,13 +47,20 @@ def test_the_ranking_is_a_stable_descending_argsort_with_ties():
     best = torch.randint(0, 4, (3, 70), generator=g).float() / 4  # many exact ties
     best_idx = torch.randint(0, 60, (3, 70), generator=g)
     for r in (1, 17, 70):
-        target, kept = token_merge._TARGETS(best, best_idx, r, 2)
+        target, kept, start, count, sources = token_merge._TARGETS(best, best_idx, r, 2, 60)
         unm_idx, src_idx, dst_idx = select_merges(best, best_idx, r)
         assert torch.equal(kept.long(), unm_idx)
         expected = torch.empty_like(best_idx)
         expected.scatter_(1, unm_idx, 2 + torch.arange(70 - r).expand(3, -1))
         expected.scatter_(1, src_idx, 2 + (70 - r) + dst_idx)
         assert torch.equal(target.long(), expected)
+        # each B token's sources: a segment of the merged tokens sorted by destination, then index
+        for image in range(3):
+            pairs = sorted(zip(dst_idx[image].tolist(), src_idx[image].tolist()))
+            assert sources[image].tolist() == [a for _, a in pairs]
+            per_b = torch.bincount(dst_idx[image], minlength=60)
+            assert torch.equal(count[image].long(), per_b)
+            assert torch.equal(start[image].long(), per_b.cumsum(0) - per_b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
