@@ -203,12 +203,12 @@ def mean_merge2d_triton(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tenso
     return _MEAN2D(x, a_idx, b_idx, unm_idx, src_idx, dst_idx)
 
 
-def _check(op: str, x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
-           num_a: int) -> None:
+def check_match(op: str, x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
+                ) -> None:
+    """A ``ValueError`` naming the argument unless ``x`` is ``[B, N, C]`` and the indices int64 ``[B, *]``
+    with ``src_idx`` and ``dst_idx`` of one shape (also for ``unmerging``)."""
     if x.ndim != 3:
         raise ValueError(f"{op}: x must be [B, N, C]; got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{op}: x must be floating point; got {x.dtype}")
     for name, index in (("unm_idx", unm_idx), ("src_idx", src_idx), ("dst_idx", dst_idx)):
         if index.ndim != 2 or index.shape[0] != x.shape[0] or index.dtype != torch.int64:
             raise ValueError(f"{op}: {name} must be int64 [B, *] with B = {x.shape[0]}; got "
@@ -216,6 +216,13 @@ def _check(op: str, x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tenso
     if src_idx.shape != dst_idx.shape:
         raise ValueError(f"{op}: src_idx and dst_idx must have one shape; got {tuple(src_idx.shape)} and "
                          f"{tuple(dst_idx.shape)}")
+
+
+def _check(op: str, x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
+           num_a: int) -> None:
+    check_match(op, x, unm_idx, src_idx, dst_idx)
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be floating point; got {x.dtype}")
     if unm_idx.shape[1] + src_idx.shape[1] != num_a:
         raise ValueError(f"{op}: unm_idx and src_idx must split the {num_a} A tokens; got "
                          f"{unm_idx.shape[1]} + {src_idx.shape[1]}")

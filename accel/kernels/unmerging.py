@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .dispatch import select
+from .merging import check_match
 from .registration import KernelOp
 
 __all__ = ["unmerge", "unmerge2d", "unmerge_reference", "unmerge2d_reference", "unmerge_triton",
@@ -124,25 +125,12 @@ def unmerge2d_triton(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, 
     return _OP2D(x, a_idx, b_idx, unm_idx, src_idx, dst_idx)
 
 
-def _check_match(op: str, x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor,
-                 dst_idx: torch.Tensor) -> None:
-    if x.ndim != 3:
-        raise ValueError(f"{op}: x must be [B, N, C]; got shape {tuple(x.shape)}")
-    for name, index in (("unm_idx", unm_idx), ("src_idx", src_idx), ("dst_idx", dst_idx)):
-        if index.ndim != 2 or index.shape[0] != x.shape[0] or index.dtype != torch.int64:
-            raise ValueError(f"{op}: {name} must be int64 [B, *] with B = {x.shape[0]}; got "
-                             f"{index.dtype} {tuple(index.shape)}")
-    if src_idx.shape != dst_idx.shape:
-        raise ValueError(f"{op}: src_idx and dst_idx must have one shape; got {tuple(src_idx.shape)} and "
-                         f"{tuple(dst_idx.shape)}")
-
-
 def unmerge(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
             *, backend: Optional[str] = None) -> torch.Tensor:
     """Undo a bipartite merge: ``x: [B, N - r, C]`` (protected tokens, kept A tokens, B tokens) ->
     ``[B, N, C]``, each token merged away (``src_idx [B, r]``) taking the value of its destination
     (``dst_idx [B, r]``), A token ``i`` at ``protected + 2i``, B token ``j`` at ``protected + 2j + 1``."""
-    _check_match("unmerge", x, unm_idx, src_idx, dst_idx)
+    check_match("unmerge", x, unm_idx, src_idx, dst_idx)
     if protected < 0 or protected + unm_idx.shape[1] > x.shape[1]:
         raise ValueError(f"unmerge: protected must be in [0, {x.shape[1] - unm_idx.shape[1]}] for "
                          f"{x.shape[1]} merged tokens with {unm_idx.shape[1]} kept A tokens; got {protected}")
@@ -156,7 +144,7 @@ def unmerge2d(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, unm_idx
     """Undo ToMe-SD's grid merge: ``x: [B, N - r, C]`` (kept sources, then destinations) -> ``[B, N, C]``,
     source ``i`` at grid position ``a_idx[0, i]``, destination ``j`` at ``b_idx[0, j]`` (``[1, Na]``,
     ``[1, Nb]``, shared by the batch); merged sources take their destination's value."""
-    _check_match("unmerge2d", x, unm_idx, src_idx, dst_idx)
+    check_match("unmerge2d", x, unm_idx, src_idx, dst_idx)
     for name, index in (("a_idx", a_idx), ("b_idx", b_idx)):
         if index.ndim != 2 or index.shape[0] != 1 or index.dtype != torch.int64:
             raise ValueError(f"unmerge2d: {name} must be int64 [1, *] (shared by the batch); got "
