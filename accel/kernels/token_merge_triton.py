@@ -33,17 +33,21 @@ def merge_targets_kernel(best_ptr, index_ptr, target_ptr, kept_ptr, start_ptr, c
     target = tl.where(merged, first_b + dst, protected + kept_rank)
     tl.store(target_ptr + batch * num_a + a, target, mask=inside)
     tl.store(kept_ptr + batch * (num_a - r) + kept_rank, a, mask=keep)
-    tl.debug_barrier()  # the targets just written are read back by every thread below
-    # each merged token's place among the sources sorted by (destination, index); each B token's segment
+    # each merged token's place among the sources sorted by (destination, index), and each B
+    # token's segment; the other tokens' ranks are recomputed rather than read back from memory
     j = tl.arange(0, BLOCK_B)
     place = tl.zeros((BLOCK,), tl.int32)
     start = tl.zeros((BLOCK_B,), tl.int32)
     count = tl.zeros((BLOCK_B,), tl.int32)
     for begin in range(0, num_a, CHUNK):
         other = begin + tl.arange(0, CHUNK)
-        other_target = tl.load(target_ptr + batch * num_a + other, mask=other < num_a, other=-1)
-        other_merged = other_target >= first_b
-        other_dst = other_target - first_b
+        other_in = other < num_a
+        other_best = tl.load(best_ptr + batch * num_a + other, mask=other_in, other=float("-inf"))
+        ahead_of_other = (best[None, :] > other_best[:, None]) | ((best[None, :] == other_best[:, None]) &
+                                                                  (a[None, :] < other[:, None]))
+        other_rank = tl.sum((ahead_of_other & inside[None, :]).to(tl.int32), axis=1)
+        other_merged = other_in & (other_rank < r)
+        other_dst = tl.load(index_ptr + batch * num_a + other, mask=other_in, other=0).to(tl.int32)
         ahead = (other_dst[None, :] < dst[:, None]) | ((other_dst[None, :] == dst[:, None]) & (other[None, :] < a[:, None]))
         place += tl.sum((ahead & other_merged[None, :]).to(tl.int32), axis=1)
         start += tl.sum(((other_dst[None, :] < j[:, None]) & other_merged[None, :]).to(tl.int32), axis=1)
