@@ -12,7 +12,7 @@ can assert it.
 """
 from __future__ import annotations
 
-import functools
+import importlib
 import os
 from typing import Dict, Optional
 
@@ -24,14 +24,19 @@ BACKENDS = ("torch", "triton")
 _LAST: Dict[str, str] = {}  # op -> the backend of its latest call: a diagnostic record, not per-call state
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON: Dict[str, bool] = {}  # "available" -> whether Triton imported, once asked
+
+
 def triton_available() -> bool:
-    """Whether Triton imports (it is not imported at ``import accel`` time)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether Triton imports (it is not imported at ``import accel`` time). The answer is kept in
+    a plain dict rather than an ``lru_cache``, which ``torch.compile`` traces through with a warning."""
+    if "available" not in _TRITON:
+        try:
+            importlib.import_module("triton")
+            _TRITON["available"] = True
+        except ImportError:
+            _TRITON["available"] = False
+    return _TRITON["available"]
 
 
 def interpreting() -> bool:

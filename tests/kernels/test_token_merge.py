@@ -102,3 +102,21 @@ def test_the_dispatcher_and_the_old_path(monkeypatch):
         kernels.bipartite_merge(x, size, metric, 15, 1)
     with pytest.raises(ValueError, match="metric"):
         kernels.bipartite_merge(x, size, metric[:, :5], 3, 1)
+
+
+def test_tome_on_the_kernels_compiles_without_a_graph_break(monkeypatch):
+    """ToMe on a ViT with every kernel (match, rank, merge, biased attention) traced by
+    torch.compile as custom ops with their fakes: one graph, the eager kernels' output."""
+    import accel
+    from tests.conftest import images, make_vit
+
+    monkeypatch.setenv("ACCEL_KERNELS", "triton")
+    model, pictures = make_vit(), images(2)
+    with torch.inference_mode():
+        accel.patch(model, tome=4)
+        eager = model(pictures)  # the first calls build the ops, outside any graph
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(pictures)
+    torch._dynamo.reset()
+    assert kernels.last_backend("bipartite_merge") == "triton"
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
