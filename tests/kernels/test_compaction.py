@@ -210,10 +210,12 @@ def test_token_exit_on_the_kernels(monkeypatch):
 def test_avit_removal_on_the_kernels(monkeypatch):
     model, x = make_vit(), images(5)  # odd batch; images halt differently: padding per image
     accel.patch(model, avit=accel.AViT(gamma=3.0, beta=1.0, mode="remove"))
-    reference, fused = both_backends(monkeypatch, lambda: model(x), OPS)
+    reference, fused = both_backends(monkeypatch, lambda: model(x), OPS + ("biased_attention",))
     computed = accel.describe(model)["methods"]["avit"]["last_call"]["computed_tokens"]
     assert computed[-1] < computed[0]
-    assert torch.equal(fused, reference)
+    # the copies are exact; the padded per-image attention (a -inf bias on the padding keys) is the
+    # flash kernel against SDPA: fp32 rounding in another order
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
 
 
 def test_early_exit_on_the_kernels(monkeypatch):

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...kernels import compact_tokens, gather_tokens, scatter_tokens
+from ...kernels import biased_attention, compact_tokens, gather_tokens, scatter_tokens
 from ..vit_block import (TimmViTPatch, attn_residual, block_forward, merge_heads, mlp_residual, patch_grid,
                          split_heads)
 from .config import AViT
@@ -212,7 +212,8 @@ def _per_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, imag
         padded = scatter_tokens(zeros, rows, t.transpose(1, 2).reshape(1, total, heads * dim))
         return padded.view(batch, longest, heads, dim).transpose(1, 2)
 
-    keys = (torch.arange(longest, device=q.device) < count[:, None])[:, None, None, :]  # [B, 1, 1, n_max]
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keys)  # [B, H, n_max, D]
+    padding = torch.arange(longest, device=q.device) >= count[:, None]  # [B, n_max]
+    key_bias = torch.zeros(batch, longest, device=q.device).masked_fill_(padding, float("-inf"))
+    out = biased_attention(pad(q), pad(k), pad(v), key_bias)  # [B, H, n_max, D]: padded keys masked
     out = gather_tokens(out.transpose(1, 2).reshape(1, batch * longest, heads * dim), rows)[0]  # [T, H * D]
     return out.view(total, heads, dim).transpose(0, 1)[None]
