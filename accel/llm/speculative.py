@@ -1,0 +1,183 @@
+"""Speculative decoding (Leviathan et al., ICML 2023; Chen et al. 2023): a cheap proposer drafts
+``k`` tokens, the target model checks them all in one forward pass, and the longest prefix it
+agrees with is kept, plus the target's own next token. Greedy output is the target's own greedy
+output, token for token; each target forward yields between 1 and ``k + 1`` tokens.
+
+    out = speculative_generate(target, input_ids, draft=draft_model, max_new_tokens=64)
+    out = speculative_generate(target, input_ids, prompt_lookup=3, max_new_tokens=64)
+    out.sequences, out.stats      # [1, prompt + new] token ids; acceptance rate, mean accepted length
+
+Proposers:
+- a draft model: any transformers causal LM with the target's vocabulary, run greedily on its own
+  KV cache;
+- prompt lookup (Saxena 2023): the tokens that followed the latest earlier occurrence of the last
+  ``n`` tokens (``n`` from ``prompt_lookup`` down to 1), with no second model. This pays on outputs
+  that copy from their input (summaries, edits, code).
+
+Both models keep their KV caches (transformers' ``DynamicCache``) across rounds, and rejected
+positions are cropped from them.
+
+**Built so far** (issue 15, first part): greedy decoding at batch size 1. Sampling by rejection,
+batch size above 1 with per-row cache rollback, adaptive draft lengths and self-speculation are
+not built yet, and asking for them is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["SpeculativeOutput", "speculative_generate", "prompt_lookup_proposal"]
+
+
+@dataclasses.dataclass
+class SpeculativeOutput:
+    """``sequences``: ``[1, prompt + new]`` token ids, as ``generate`` returns them. ``stats``: the
+    request's figures, with vLLM's definitions:
+    - ``target_calls``: target forward passes, the prompt's included;
+    - ``drafted`` and ``accepted``: draft tokens proposed and kept;
+    - ``acceptance_rate``: accepted / drafted;
+    - ``mean_accepted_length``: tokens produced per verification pass (1 + accepted / rounds)."""
+
+    sequences: torch.Tensor
+    stats: Dict[str, float]
+
+
+def _truncate(cache: Any, length: int) -> None:
+    """Keep the first ``length`` positions of a transformers cache. A negative ``crop`` removes that
+    many positions in every transformers version (a positive one meant the length to keep before
+    5.2x and is refused since)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` in transformers' newer
+    models (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _forward(model: Any, ids: torch.Tensor, cache: Any):
+    """``model`` on ``ids: [1, n]`` after ``cache``: the logits ``[1, n, V]`` and the grown cache."""
+    keyword = _cache_keyword(type(model)) if cache is not None else "past_key_values"
+    out = model(input_ids=ids, use_cache=True, **{keyword: cache})
+    grown = getattr(out, "past_key_values", None)
+    return out.logits, grown if grown is not None else getattr(out, "cache", None)
+
+
+def prompt_lookup_proposal(tokens: Sequence[int], ngram: int, count: int) -> List[int]:
+    """Up to ``count`` tokens that followed the latest earlier occurrence of the last ``n`` tokens
+    of ``tokens``, trying ``n = ngram`` down to 1; empty if none recurs."""
+    for n in range(min(ngram, len(tokens) - 1), 0, -1):
+        suffix = list(tokens[-n:])
+        for start in range(len(tokens) - n - 1, -1, -1):  # latest first, the suffix itself excluded
+            if list(tokens[start:start + n]) == suffix:
+                follow = list(tokens[start + n:start + n + count])
+                if follow:
+                    return follow
+    return []
+
+
+class _DraftModel:
+    """A draft LM run greedily on its own cache, which always holds a prefix of the sequence."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.cache, self.length = model, None, 0
+
+    def propose(self, tokens: torch.Tensor, count: int) -> List[int]:
+        """``count`` greedy tokens after ``tokens: [1, L]``."""
+        pending = tokens[:, self.length:]  # what the cache has not seen yet (at least the last token)
+        proposal: List[int] = []
+        for _ in range(count):
+            logits, self.cache = _forward(self.model, pending, self.cache)
+            self.length += pending.shape[1]
+            proposal.append(int(logits[0, -1].argmax()))
+            pending = tokens.new_tensor([[proposal[-1]]])
+        return proposal
+
+    def keep(self, length: int) -> None:
+        """Forget every position from ``length`` on (rejected drafts)."""
+        if self.cache is not None and self.length > length:
+            _truncate(self.cache, length)
+            self.length = length
+
+
+@torch.no_grad()
+def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optional[Any] = None,
+                         prompt_lookup: Optional[int] = None, num_draft_tokens: int = 4, max_new_tokens: int = 32,
+                         eos_token_id: Optional[Union[int, Sequence[int]]] = None) -> SpeculativeOutput:
+    """Greedy decoding of ``target`` from ``input_ids: [1, L]`` with drafts from ``draft`` (a causal
+    LM sharing the target's vocabulary) or from ``prompt_lookup`` (the n-gram length); the tokens
+    are those of ``target.generate(input_ids, do_sample=False, max_new_tokens=...)``, which stops
+    after ``eos_token_id`` (default: the target's generation config's) or ``max_new_tokens``."""
+    _check(target, input_ids, draft, prompt_lookup, num_draft_tokens, max_new_tokens)
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    proposer = _DraftModel(draft) if draft is not None else None
+    logits, cache = _forward(target, input_ids, None)
+    tokens = torch.cat([input_ids, logits[:, -1:].argmax(-1)], dim=1)  # the cache holds all but the last
+    new, calls, drafted, accepted, rounds = 1, 1, 0, 0, 0
+    while new < max_new_tokens and int(tokens[0, -1]) not in stops:
+        room = min(num_draft_tokens, max_new_tokens - new - 1)  # the pass adds one token of its own
+        if room <= 0:
+            proposal = []
+        elif proposer is not None:
+            proposal = proposer.propose(tokens, room)
+        else:
+            proposal = prompt_lookup_proposal(tokens[0].tolist(), prompt_lookup, room)
+        checked = torch.cat([tokens[:, -1:], tokens.new_tensor([proposal])], dim=1)
+        logits, cache = _forward(target, checked, cache)
+        calls, rounds = calls + 1, rounds + 1
+        choices = logits[0].argmax(-1).tolist()  # the target's token after each checked position
+        kept = 0
+        while kept < len(proposal) and proposal[kept] == choices[kept]:
+            kept += 1
+        produced = proposal[:kept] + [choices[kept]]
+        for i, token in enumerate(produced):  # generate stops right after an end-of-sequence token
+            if token in stops:
+                produced = produced[:i + 1]
+                break
+        drafted, accepted = drafted + len(proposal), accepted + min(kept, len(produced))
+        length = tokens.shape[1]
+        tokens = torch.cat([tokens, tokens.new_tensor([produced])], dim=1)
+        new += len(produced)
+        _truncate(cache, length + kept)  # the checked positions the target agreed with
+        if proposer is not None:
+            proposer.keep(length + min(kept, len(proposal) - 1) if proposal else proposer.length)
+    stats = {"target_calls": calls, "drafted": drafted, "accepted": accepted,
+             "acceptance_rate": accepted / drafted if drafted else 0.0,
+             "mean_accepted_length": 1 + accepted / rounds if rounds else 1.0, "new_tokens": new}
+    return SpeculativeOutput(tokens, stats)
+
+
+def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draft_tokens: Any,
+           max_new_tokens: Any) -> None:
+    from ..patches.settings import check_int
+
+    if not callable(target) or not hasattr(target, "config"):
+        raise TypeError(f"speculative_generate: target must be a transformers causal LM; got {type(target).__name__}")
+    if not torch.is_tensor(input_ids) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
+        raise TypeError("speculative_generate: input_ids must be a [batch, length] int64 tensor")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative_generate: batch size {input_ids.shape[0]} is not supported yet (batch size 1 "
+                         f"only; per-row rollback is the next part of issue 15)")
+    if (draft is None) == (prompt_lookup is None):
+        raise ValueError("speculative_generate: give exactly one proposer, draft= (a causal LM) or prompt_lookup= "
+                         "(an n-gram length)")
+    if draft is not None:
+        if not callable(draft) or not hasattr(draft, "config"):
+            raise TypeError(f"speculative_generate: draft must be a transformers causal LM; got {type(draft).__name__}")
+        sizes = (getattr(draft.config, "vocab_size", None), getattr(target.config, "vocab_size", None))
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"speculative_generate: the draft's vocabulary ({sizes[0]}) differs from the target's "
+                             f"({sizes[1]}); they must share a tokenizer")
+    else:
+        check_int("speculative_generate", "prompt_lookup", prompt_lookup, low=1)
+    check_int("speculative_generate", "num_draft_tokens", num_draft_tokens, low=1)
+    check_int("speculative_generate", "max_new_tokens", max_new_tokens, low=1)

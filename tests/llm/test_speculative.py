@@ -1,0 +1,120 @@
+"""Greedy speculative decoding: token for token the target's own greedy ``generate``, with a draft
+model or prompt lookup, on small Llama/Qwen2/Mistral-style models built from configs (seeded,
+float64, so that verifying several tokens at once cannot flip an argmax by rounding)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from accel.llm.speculative import prompt_lookup_proposal, speculative_generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 96
+
+
+def causal_lm(kind="llama", seed=0, layers=2, eos=None):
+    import transformers
+
+    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                                 "mistral": ("MistralConfig", "MistralForCausalLM")}[kind]
+    config = getattr(transformers, config_class)(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=eos, pad_token_id=0)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(config).eval().double()
+
+
+def prompt(length=12, seed=1):
+    return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, new, eos=None):
+    with torch.no_grad():
+        return model.generate(ids, do_sample=False, max_new_tokens=new, eos_token_id=eos, pad_token_id=0,
+                              attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_with_a_draft_is_the_targets_own_greedy(kind, k):
+    target, draft = causal_lm(kind, seed=0), causal_lm(kind, seed=1, layers=1)
+    ids = prompt()
+    out = speculative_generate(target, ids, draft=draft, num_draft_tokens=k, max_new_tokens=20)
+    assert torch.equal(out.sequences, greedy(target, ids, 20))
+    assert out.stats["new_tokens"] == 20
+
+
+def test_the_target_as_its_own_draft_accepts_everything():
+    """Every draft accepted: ceil(n / (k + 1)) verification passes after the prompt's (the pass that
+    reads the prompt gives the first token)."""
+    target, ids, k, new = causal_lm(), prompt(), 4, 21
+    out = speculative_generate(target, ids, draft=target, num_draft_tokens=k, max_new_tokens=new)
+    assert torch.equal(out.sequences, greedy(target, ids, new))
+    assert out.stats["acceptance_rate"] == 1.0
+    assert out.stats["target_calls"] == 1 + math.ceil((new - 1) / (k + 1))
+    assert out.stats["mean_accepted_length"] == (new - 1) / (out.stats["target_calls"] - 1)
+
+
+def test_a_random_draft_accepts_almost_nothing_and_changes_nothing():
+    target, draft, ids = causal_lm(seed=0), causal_lm(seed=7), prompt(seed=3)
+    out = speculative_generate(target, ids, draft=draft, num_draft_tokens=4, max_new_tokens=24)
+    assert torch.equal(out.sequences, greedy(target, ids, 24))
+    assert out.stats["acceptance_rate"] < 0.3 and out.stats["target_calls"] > 12
+
+
+def test_an_end_of_sequence_token_mid_draft_stops_where_generate_stops():
+    target = causal_lm(seed=0)
+    ids = prompt(seed=5)
+    free = greedy(target, ids, 30)[0, ids.shape[1]:].tolist()
+    eos = free[9]  # the token the target emits tenth: generate stops right after it
+    expected = greedy(target, ids, 30, eos=eos)
+    assert expected.shape[1] == ids.shape[1] + free.index(eos) + 1
+    for proposer in ({"draft": target}, {"draft": causal_lm(seed=2)}, {"prompt_lookup": 2}):
+        out = speculative_generate(target, ids, num_draft_tokens=4, max_new_tokens=30, eos_token_id=eos, **proposer)
+        assert torch.equal(out.sequences, expected), proposer
+
+
+@pytest.mark.parametrize("new", [1, 2, 6, 7])
+def test_max_new_tokens_reached_mid_draft(new):
+    target, ids = causal_lm(), prompt(seed=4)
+    out = speculative_generate(target, ids, draft=target, num_draft_tokens=4, max_new_tokens=new)
+    assert torch.equal(out.sequences, greedy(target, ids, new))
+
+
+def test_prompt_lookup_is_greedy_and_accepts_on_repeated_text():
+    """A prompt that repeats itself: the target (as its own draft's stand-in, a model that copies)
+    continues the pattern, and lookup drafts exactly that."""
+    target = causal_lm(seed=0)
+    ids = prompt(seed=6)
+    continued = greedy(target, ids, 16)
+    ids = torch.cat([continued, continued[:, 4:]], dim=1)  # input-grounded: the text recurs
+    out = speculative_generate(target, ids, prompt_lookup=3, num_draft_tokens=4, max_new_tokens=16)
+    assert torch.equal(out.sequences, greedy(target, ids, 16))
+    assert out.stats["drafted"] > 0
+
+
+def test_prompt_lookup_proposal():
+    assert prompt_lookup_proposal([5, 6, 7, 8, 9, 5, 6, 7], ngram=3, count=2) == [8, 9]
+    assert prompt_lookup_proposal([1, 2, 3, 1, 2, 4, 1, 2], ngram=2, count=3) == [4, 1, 2]  # the latest match
+    assert prompt_lookup_proposal([1, 2, 3, 4], ngram=3, count=2) == []
+    assert prompt_lookup_proposal([9, 1, 2, 9], ngram=3, count=5) == [1, 2, 9]  # falls back to one token
+
+
+def test_bad_input_is_refused_by_name():
+    target, ids = causal_lm(), prompt()
+    other = causal_lm()
+    other.config.vocab_size = VOCAB + 1
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(target, ids, draft=other)
+    with pytest.raises(ValueError, match="num_draft_tokens must be an int >= 1"):
+        speculative_generate(target, ids, draft=target, num_draft_tokens=0)
+    with pytest.raises(ValueError, match="exactly one proposer"):
+        speculative_generate(target, ids)
+    with pytest.raises(TypeError, match="draft must be a transformers causal LM"):
+        speculative_generate(target, ids, draft=lambda x: x)
+    with pytest.raises(ValueError, match="batch size 2 is not supported yet"):
+        speculative_generate(target, ids.repeat(2, 1), draft=target)
