@@ -10,7 +10,7 @@ import importlib
 
 from . import registry
 
-METHOD_PACKAGES = ("tome", "deepcache", "avit", "evit", "early_exit", "token_exit", "region_cache")
+METHOD_PACKAGES = ("tome", "deepcache", "avit", "evit", "early_exit", "token_exit", "region_cache", "speculative")
 
 for _name in METHOD_PACKAGES:
     registry.register(importlib.import_module(f"{__name__}.{_name}").METHOD)

@@ -118,3 +118,66 @@ def test_bad_input_is_refused_by_name():
         speculative_generate(target, ids, draft=lambda x: x)
     with pytest.raises(ValueError, match="batch size 2 is not supported yet"):
         speculative_generate(target, ids.repeat(2, 1), draft=target)
+
+
+# -- accel.patch(model, speculative=...): the model's own generate -------------------------------------
+
+
+def test_patched_generate_is_speculative_greedy_and_unpatch_restores_it():
+    import accel
+
+    target, draft, ids = causal_lm(seed=0), causal_lm(seed=0, layers=1), prompt(seed=8)
+    expected = greedy(target, ids, 18)
+    original = type(target).generate
+    accel.patch(target, speculative=draft)
+    assert "generate" in accel.describe(target)["methods"]["speculative"]["patched"]["modules"]
+    out = target.generate(ids, max_new_tokens=18, do_sample=False)
+    assert torch.equal(out, expected)
+    stats = accel.describe(target)["methods"]["speculative"]["last_call"]
+    assert stats["new_tokens"] == 18 and stats["drafted"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+    accel.unpatch(target)
+    assert "generate" not in vars(target) and type(target).generate is original
+    assert torch.equal(greedy(target, ids, 18), expected)
+
+
+def test_prompt_lookup_shorthand():
+    import accel
+
+    target, ids = causal_lm(seed=0), prompt(seed=9)
+    expected = greedy(target, ids, 10)
+    with accel.patched(target, speculative="prompt_lookup"):
+        assert accel.describe(target)["methods"]["speculative"]["settings"]["prompt_lookup"] == 3
+        assert torch.equal(target.generate(ids, max_new_tokens=10), expected)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("num_beams", 2, "num_beams=2 is not served yet"),
+    ("do_sample", True, "do_sample=True is not served yet"),
+    ("repetition_penalty", 1.3, "repetition_penalty=1.3 is not served yet"),
+    ("streamer", object(), "streamer are not served"),
+    ("stop_strings", ["x"], r"stop_strings=\[.x.\] is not served yet"),
+])
+def test_options_it_does_not_serve_are_refused_by_name(option, value, message):
+    import accel
+
+    target, ids = causal_lm(), prompt()
+    with accel.patched(target, speculative="prompt_lookup"):
+        with pytest.raises(ValueError, match=message):
+            target.generate(ids, max_new_tokens=4, **{option: value})
+        with pytest.raises(ValueError, match="batch size 2 is not served yet"):
+            target.generate(ids.repeat(2, 1), max_new_tokens=4)
+
+
+def test_a_bad_draft_is_refused_and_the_model_left_as_it_was():
+    import accel
+
+    target = causal_lm()
+    other = causal_lm()
+    other.config.vocab_size = VOCAB + 1
+    with pytest.raises(ValueError, match="vocabulary"):
+        accel.patch(target, speculative=other)
+    with pytest.raises(TypeError, match="speculative: expected"):
+        accel.patch(target, speculative=lambda x: x)
+    with pytest.raises(ValueError, match="num_draft_tokens must be an int >= 1"):
+        accel.patch(target, speculative={"prompt_lookup": 2, "num_draft_tokens": 0})
+    assert not accel.describe(target)["methods"] and "generate" not in vars(target)

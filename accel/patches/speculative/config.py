@@ -1,0 +1,56 @@
+"""Settings of speculative decoding and the shorthand values ``accel.patch(..., speculative=...)`` accepts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from ..settings import Settings, check_int
+
+__all__ = ["Speculative"]
+
+
+def is_causal_lm(obj: Any) -> bool:
+    """A transformers model that generates (``GenerationMixin``) and has a config: what can draft."""
+    return callable(obj) and callable(getattr(obj, "generate", None)) and hasattr(obj, "config")
+
+
+@dataclass(frozen=True, eq=False)
+class Speculative(Settings):
+    """Speculative decoding for a transformers causal LM (Leviathan et al. 2023): ``generate`` drafts
+    ``num_draft_tokens`` tokens with a cheap proposer and keeps those the model agrees with, checked
+    in one forward pass. Greedy output is the model's own, token for token.
+
+    draft: a transformers causal LM sharing the model's tokenizer (vocabulary checked), or None.
+    prompt_lookup: instead of a draft, the n-gram length of prompt lookup (the tokens that followed
+        the latest earlier occurrence of the last n tokens), or None.
+    num_draft_tokens: tokens proposed per verification pass, >= 1.
+
+    Shorthands: ``speculative=draft_model``; ``speculative="prompt_lookup"`` (3-grams).
+    Built so far: greedy decoding at batch size 1 (issue 15's first part).
+    """
+
+    draft: Optional[Any] = None
+    prompt_lookup: Optional[int] = None
+    num_draft_tokens: int = 4
+
+    METHOD = "speculative"
+    EXPECTED = "a draft causal LM, \"prompt_lookup\", or a dict of settings"
+
+    def __post_init__(self) -> None:
+        if (self.draft is None) == (self.prompt_lookup is None):
+            raise ValueError("Speculative: give exactly one proposer, draft= (a causal LM) or prompt_lookup= "
+                             "(an n-gram length)")
+        if self.draft is not None and not is_causal_lm(self.draft):
+            raise TypeError(f"Speculative: draft must be a transformers causal LM (with generate and a config); "
+                            f"got {type(self.draft).__name__}")
+        if self.prompt_lookup is not None:
+            object.__setattr__(self, "prompt_lookup", check_int("Speculative", "prompt_lookup", self.prompt_lookup, 1))
+        object.__setattr__(self, "num_draft_tokens", check_int("Speculative", "num_draft_tokens",
+                                                               self.num_draft_tokens, 1))
+
+    @classmethod
+    def from_shorthand(cls, value: Any) -> Optional[Dict[str, Any]]:
+        """``speculative=draft_model`` or ``speculative="prompt_lookup"``."""
+        if value == "prompt_lookup":
+            return {"prompt_lookup": 3}
+        return {"draft": value} if is_causal_lm(value) else None
