@@ -98,3 +98,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A fresh cache folder with the built-in language model converted into it, once per test run
+    (so CI runs the conversion every time): ``(folder, seconds the conversion took)``."""
+    import time
+
+    from accel.pipelines import load
+
+    folder = tmp_path_factory.mktemp("accel-cache")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("ACCEL_CACHE", str(folder))
+        start = time.perf_counter()
+        load("smollm2-135m")
+        return folder, time.perf_counter() - start

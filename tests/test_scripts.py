@@ -97,3 +97,21 @@ def test_gpu_probe_adaptive_sets_both_methods_to_the_asked_depth():
     assert result["unpatched"]["mean depth"] == 4 and result["unpatched"]["speedup"] == 1.0
     depths = {label.split()[0]: row["mean depth"] for label, row in result.items() if label != "unpatched"}
     assert abs(depths["avit"] - 2.0) < 0.5 and 1.0 <= depths["early_exit"] <= 3.0
+
+
+def test_bench_llm_measures_both_lookups_against_greedy(tmp_path, smollm2_cache):
+    """The speculative-decoding benchmark on the built-in model (one short prompt per set): every
+    variant's tokens equal greedy generate's, and accel's rows carry acceptance figures."""
+    import os
+
+    out = tmp_path / "llm.json"
+    env = dict(os.environ, ACCEL_CACHE=str(smollm2_cache[0]))
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_llm.py"), "--quick", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env=env)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["prompts"], r["variant"]) for r in rows} == {
+        (p, v) for p in ("grounded", "open")
+        for v in ("generate (greedy)", "accel prompt lookup", "transformers prompt lookup")}
+    assert all(r["equal to greedy"] == "yes" and r["tokens/s"] > 0 for r in rows)
+    assert all(0 <= r["acceptance"] <= 1 and r["mean accepted length"] >= 1
+               for r in rows if r["variant"] == "accel prompt lookup")

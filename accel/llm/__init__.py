@@ -1,1 +1,10 @@
-"""LLM submodule: Mixture of Experts, Mixture of Depths, speculative decoding, paged KV cache (not built yet)."""
+"""LLM submodule: compute where it pays for transformers causal LMs.
+
+    from accel.llm.speculative import speculative_generate
+    out = speculative_generate(model, input_ids, prompt_lookup=3, max_new_tokens=64)   # greedy, exact
+    accel.patch(model, speculative=draft_model)          # model.generate drafts and verifies
+
+Built: greedy speculative decoding at batch size 1 (``speculative``). Still to come: sampling,
+batch size above 1, the shipped draft and self-speculation (issue 15), the paged KV cache and
+continuous batching (16), Mixture of Experts (17) and Mixture of Depths (18).
+"""

