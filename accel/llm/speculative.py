@@ -17,9 +17,11 @@ Proposers:
 Both models keep their KV caches (transformers' ``DynamicCache``) across rounds, and rejected
 positions are cropped from them.
 
-**Built so far** (issue 15, first part): greedy decoding at batch size 1. Sampling by rejection,
-batch size above 1 with per-row cache rollback, adaptive draft lengths and self-speculation are
-not built yet, and asking for them is an error.
+**Built so far** (issue 15, first part): batch size 1, greedy (token for token the target's
+``generate``) or sampled (speculative sampling: the target's distribution, with temperature,
+top-k and top-p applied identically to both models). Batch size above 1 with per-row cache
+rollback, adaptive draft lengths and self-speculation are not built yet, and asking for them is an
+error.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["SpeculativeOutput", "speculative_generate", "prompt_lookup_proposal"]
+__all__ = ["SpeculativeOutput", "Sampler", "speculative_generate", "verify_sampled", "prompt_lookup_proposal"]
 
 
 @dataclasses.dataclass
@@ -89,22 +91,94 @@ def prompt_lookup_proposal(tokens: Sequence[int], ngram: int, count: int) -> Lis
     return []
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Sampling as transformers' ``generate(do_sample=True)`` does it: the logits divided by
+    ``temperature``, then only the ``top_k`` largest kept, then the smallest set whose probability
+    reaches ``top_p`` (at least one token), in that order; draws from ``generator`` (None: torch's
+    global generator)."""
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self) -> None:
+        from ..patches.settings import check_int, check_real
+
+        check_real("Sampler", "temperature", self.temperature, lambda v: 0 < v < float("inf"), "a finite float > 0")
+        if self.top_k is not None:
+            check_int("Sampler", "top_k", self.top_k, 1)
+        if self.top_p is not None:
+            check_real("Sampler", "top_p", self.top_p, lambda v: 0 < v <= 1, "a float in (0, 1]")
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[n, V]`` logits -> ``[n, V]`` probabilities (float32 at least)."""
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits.clone()
+        if self.temperature != 1.0:
+            x = x / self.temperature
+        if self.top_k is not None and self.top_k < x.shape[-1]:
+            kth = x.topk(self.top_k, dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            ordered, order = x.sort(dim=-1)  # ascending, as transformers' top-p
+            dropped = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
+            dropped[..., -1] = False  # keep at least the most likely token
+            x = x.masked_fill(dropped.scatter(-1, order, dropped), float("-inf"))
+        return x.softmax(dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+
+def verify_sampled(proposal: Sequence[int], draft_probs: Optional[torch.Tensor], target_probs: torch.Tensor,
+                   sampler: Sampler) -> Tuple[int, int]:
+    """Speculative sampling's check (Leviathan et al. 2023, Alg. 1): draft token ``i`` is kept with
+    probability ``min(1, p_i(d) / q_i(d))``; at the first rejection the next token is drawn from
+    ``norm(max(0, p_i - q_i))``, and after all are kept from ``p_k``. ``draft_probs`` ``[k, V]``
+    (None: each proposal was certain, as prompt lookup's), ``target_probs`` ``[k + 1, V]``. Returns
+    (tokens kept, the next token); the tokens come out distributed as the target samples them."""
+    for i, token in enumerate(proposal):
+        q = 1.0 if draft_probs is None else float(draft_probs[i, token])
+        p = float(target_probs[i, token])
+        if sampler.uniform() * q < p:  # accepted with probability min(1, p / q)
+            continue
+        residual = target_probs[i].clone()
+        if draft_probs is None:
+            residual[token] = 0.0  # max(0, p - onehot(d))
+        else:
+            residual = (residual - draft_probs[i]).clamp_min(0.0)
+        total = float(residual.sum())
+        return i, sampler.draw(residual / total if total > 0 else target_probs[i])
+    return len(proposal), sampler.draw(target_probs[len(proposal)])
+
+
 class _DraftModel:
     """A draft LM run greedily on its own cache, which always holds a prefix of the sequence."""
 
     def __init__(self, model: Any) -> None:
         self.model, self.cache, self.length = model, None, 0
 
-    def propose(self, tokens: torch.Tensor, count: int) -> List[int]:
-        """``count`` greedy tokens after ``tokens: [1, L]``."""
+    def propose(self, tokens: torch.Tensor, count: int, sampler: Optional[Sampler] = None
+                ) -> Tuple[List[int], Optional[torch.Tensor]]:
+        """``count`` tokens after ``tokens: [1, L]``: greedy, or drawn with ``sampler`` (then also
+        their distributions ``[count, V]``)."""
         pending = tokens[:, self.length:]  # what the cache has not seen yet (at least the last token)
         proposal: List[int] = []
+        probs: List[torch.Tensor] = []
         for _ in range(count):
             logits, self.cache = _forward(self.model, pending, self.cache, keep=1)
             self.length += pending.shape[1]
-            proposal.append(int(logits[0, -1].argmax()))
+            if sampler is None:
+                proposal.append(int(logits[0, -1].argmax()))
+            else:
+                probs.append(sampler.probs(logits[0, -1:])[0])
+                proposal.append(sampler.draw(probs[-1]))
             pending = tokens.new_tensor([[proposal[-1]]])
-        return proposal
+        return proposal, (torch.stack(probs) if probs else None)
 
     def keep(self, length: int) -> None:
         """Forget every position from ``length`` on (rejected drafts)."""
@@ -116,35 +190,45 @@ class _DraftModel:
 @torch.no_grad()
 def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optional[Any] = None,
                          prompt_lookup: Optional[int] = None, num_draft_tokens: int = 4, max_new_tokens: int = 32,
-                         eos_token_id: Optional[Union[int, Sequence[int]]] = None) -> SpeculativeOutput:
-    """Greedy decoding of ``target`` from ``input_ids: [1, L]`` with drafts from ``draft`` (a causal
-    LM sharing the target's vocabulary) or from ``prompt_lookup`` (the n-gram length); the tokens
-    are those of ``target.generate(input_ids, do_sample=False, max_new_tokens=...)``, which stops
-    after ``eos_token_id`` (default: the target's generation config's) or ``max_new_tokens``."""
+                         eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+                         sampler: Optional[Sampler] = None) -> SpeculativeOutput:
+    """Decoding of ``target`` from ``input_ids: [1, L]`` with drafts from ``draft`` (a causal LM
+    sharing the target's vocabulary) or from ``prompt_lookup`` (the n-gram length), stopping after
+    ``eos_token_id`` (default: the target's generation config's) or ``max_new_tokens``.
+
+    Greedy (``sampler=None``): the tokens of ``target.generate(input_ids, do_sample=False, ...)``.
+    With a ``Sampler``: speculative sampling, whose tokens are distributed as the target's own
+    sampling with the same temperature, top-k and top-p (applied identically to the draft)."""
     _check(target, input_ids, draft, prompt_lookup, num_draft_tokens, max_new_tokens)
     if eos_token_id is None:
         eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
     stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     proposer = _DraftModel(draft) if draft is not None else None
     logits, cache = _forward(target, input_ids, None, keep=1)
-    tokens = torch.cat([input_ids, logits[:, -1:].argmax(-1)], dim=1)  # the cache holds all but the last
+    first = logits[0, -1].argmax() if sampler is None else sampler.draw(sampler.probs(logits[0, -1:])[0])
+    tokens = torch.cat([input_ids, input_ids.new_tensor([[int(first)]])], dim=1)  # the cache holds all but the last
     new, calls, drafted, accepted, rounds = 1, 1, 0, 0, 0
     while new < max_new_tokens and int(tokens[0, -1]) not in stops:
         room = min(num_draft_tokens, max_new_tokens - new - 1)  # the pass adds one token of its own
+        draft_probs = None
         if room <= 0:
             proposal = []
         elif proposer is not None:
-            proposal = proposer.propose(tokens, room)
+            proposal, draft_probs = proposer.propose(tokens, room, sampler)
         else:
             proposal = prompt_lookup_proposal(tokens[0].tolist(), prompt_lookup, room)
         checked = torch.cat([tokens[:, -1:], tokens.new_tensor([proposal])], dim=1)
         logits, cache = _forward(target, checked, cache)
         calls, rounds = calls + 1, rounds + 1
-        choices = logits[0].argmax(-1).tolist()  # the target's token after each checked position
-        kept = 0
-        while kept < len(proposal) and proposal[kept] == choices[kept]:
-            kept += 1
-        produced = proposal[:kept] + [choices[kept]]
+        if sampler is None:
+            choices = logits[0].argmax(-1).tolist()  # the target's token after each checked position
+            kept = 0
+            while kept < len(proposal) and proposal[kept] == choices[kept]:
+                kept += 1
+            following = choices[kept]
+        else:
+            kept, following = verify_sampled(proposal, draft_probs, sampler.probs(logits[0]), sampler)
+        produced = proposal[:kept] + [following]
         for i, token in enumerate(produced):  # generate stops right after an end-of-sequence token
             if token in stops:
                 produced = produced[:i + 1]

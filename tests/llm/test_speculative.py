@@ -152,7 +152,7 @@ def test_prompt_lookup_shorthand():
 
 @pytest.mark.parametrize("option, value, message", [
     ("num_beams", 2, "num_beams=2 is not served yet"),
-    ("do_sample", True, "do_sample=True is not served yet"),
+    ("min_p", 0.1, "min_p=0.1 is not served yet"),
     ("repetition_penalty", 1.3, "repetition_penalty=1.3 is not served yet"),
     ("streamer", object(), "streamer are not served"),
     ("stop_strings", ["x"], r"stop_strings=\[.x.\] is not served yet"),
@@ -181,3 +181,115 @@ def test_a_bad_draft_is_refused_and_the_model_left_as_it_was():
     with pytest.raises(ValueError, match="num_draft_tokens must be an int >= 1"):
         accel.patch(target, speculative={"prompt_lookup": 2, "num_draft_tokens": 0})
     assert not accel.describe(target)["methods"] and "generate" not in vars(target)
+
+
+# -- speculative sampling: the target's distribution --------------------------------------------------
+
+
+def chi_square(counts, probs):
+    """Pearson's statistic of observed ``counts`` against ``probs`` (cells of zero probability must
+    be empty)."""
+    counts, probs = torch.as_tensor(counts, dtype=torch.float64), torch.as_tensor(probs, dtype=torch.float64)
+    assert counts[probs == 0].sum() == 0
+    expected = probs * counts.sum()
+    keep = probs > 0
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+# Pearson's chi-square at p = 0.001 for the degrees of freedom used below (a test that fails by
+# chance once in a thousand runs; the seeds are fixed, so it does not flake)
+CHI2_999 = {4: 18.47, 24: 51.18}
+
+
+@pytest.mark.parametrize("with_draft", [True, False])
+def test_the_verification_step_emits_the_target_distribution(with_draft):
+    """One position: draft token d ~ q, then verification; the token emitted first must be
+    distributed as p, whatever q (or a certain proposal, as prompt lookup's)."""
+    from accel.llm.speculative import Sampler, verify_sampled
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1], dtype=torch.float64)
+    q = torch.tensor([0.5, 0.1, 0.1, 0.2, 0.1], dtype=torch.float64)
+    sampler, counts = Sampler(generator=g), torch.zeros(5)
+    target_probs = torch.stack([p, torch.full((5,), 0.2, dtype=torch.float64)])
+    for _ in range(8000):
+        d = int(torch.multinomial(q, 1, generator=g)) if with_draft else 0
+        kept, following = verify_sampled([d], q[None] if with_draft else None, target_probs, sampler)
+        counts[d if kept else following] += 1
+    statistic, dof = chi_square(counts, p)
+    assert statistic < CHI2_999[dof], (statistic, counts.tolist())
+
+
+def test_the_sampler_warps_as_transformers_does():
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from accel.llm.speculative import Sampler
+
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for temperature, top_k, top_p in ((1.0, None, None), (0.7, 10, None), (1.3, None, 0.8), (0.9, 5, 0.6)):
+        warpers = [TemperatureLogitsWarper(temperature)]
+        warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        warpers += [TopPLogitsWarper(top_p)] if top_p else []
+        expected = LogitsProcessorList(warpers)(None, logits.clone()).softmax(-1)
+        ours = Sampler(temperature, top_k, top_p).probs(logits)
+        assert torch.equal(ours > 0, expected > 0)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+
+
+def test_speculative_sampling_draws_two_tokens_as_the_target_does():
+    """The first two new tokens of a 6-token model, sampled 2,000 times with a random draft (so
+    drafts are rejected and resampled), against their exact joint probability under the target
+    with the same temperature and top-k."""
+    from accel.llm.speculative import Sampler
+
+    import transformers
+
+    def tiny(seed):
+        config = transformers.LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, eos_token_id=None)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(config).eval().double()
+
+    target, draft = tiny(0), tiny(1)
+    ids = torch.tensor([[1, 4, 2]])
+    sampler = Sampler(temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first = sampler.probs(target(ids).logits[0, -1:])[0]
+        exact = torch.stack([first[a] * sampler.probs(target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1:])[0]
+                             for a in range(6)]).flatten()
+    counts = torch.zeros(36)
+    for _ in range(2000):
+        out = speculative_generate(target, ids, draft=draft, num_draft_tokens=2, max_new_tokens=2, sampler=sampler)
+        a, b = out.sequences[0, 3:].tolist()
+        counts[6 * a + b] += 1
+    statistic, dof = chi_square(counts, exact)
+    assert statistic < CHI2_999[dof], (statistic, dof)
+
+
+def test_bad_sampling_settings_are_refused_by_name():
+    from accel.llm.speculative import Sampler
+
+    with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
+        Sampler(temperature=0.0)
+    with pytest.raises(ValueError, match="top_p must be a float in"):
+        Sampler(top_p=1.5)
+    with pytest.raises(ValueError, match="top_k must be an int >= 1"):
+        Sampler(top_k=0)
+
+
+def test_patched_generate_samples_with_generates_settings():
+    """do_sample=True: a Sampler with generate's temperature, top-k and top-p; reproducible with
+    torch's global seed, and never a token outside the top-k."""
+    import accel
+
+    target, ids = causal_lm(seed=0), prompt(seed=10)
+    with accel.patched(target, speculative=causal_lm(seed=3, layers=1)):
+        torch.manual_seed(5)
+        first = target.generate(ids, max_new_tokens=12, do_sample=True, temperature=0.7, top_k=3)
+        torch.manual_seed(5)
+        again = target.generate(ids, max_new_tokens=12, do_sample=True, temperature=0.7, top_k=3)
+    assert torch.equal(first, again) and first.shape == (1, ids.shape[1] + 12)
+    with torch.no_grad():  # every sampled token is among the target's 3 most likely at its position
+        logits = target(first[:, :-1]).logits[0, ids.shape[1] - 1:]
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(int(token) in top3[i].tolist() for i, token in enumerate(first[0, ids.shape[1]:]))

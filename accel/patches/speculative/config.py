@@ -18,7 +18,8 @@ def is_causal_lm(obj: Any) -> bool:
 class Speculative(Settings):
     """Speculative decoding for a transformers causal LM (Leviathan et al. 2023): ``generate`` drafts
     ``num_draft_tokens`` tokens with a cheap proposer and keeps those the model agrees with, checked
-    in one forward pass. Greedy output is the model's own, token for token.
+    in one forward pass. Greedy output is the model's own, token for token; sampled output has the
+    model's own distribution.
 
     draft: a transformers causal LM sharing the model's tokenizer (vocabulary checked), or None.
     prompt_lookup: instead of a draft, the n-gram length of prompt lookup (the tokens that followed
@@ -26,7 +27,8 @@ class Speculative(Settings):
     num_draft_tokens: tokens proposed per verification pass, >= 1.
 
     Shorthands: ``speculative=draft_model``; ``speculative="prompt_lookup"`` (3-grams).
-    Built so far: greedy decoding at batch size 1 (issue 15's first part).
+    Built so far: batch size 1, greedy (the model's own tokens) or sampled with ``do_sample=True``
+    (the model's own distribution), issue 15's first part.
     """
 
     draft: Optional[Any] = None

@@ -1,8 +1,10 @@
 """Speculative decoding behind a transformers causal LM's own ``generate``.
 
 ``model.generate(input_ids, max_new_tokens=...)`` runs ``accel.llm.speculative`` while the patch
-is on. Options it does not serve are refused by name, never ignored: beam search, sampling, a
-streamer, stop strings, logits processors, repetition penalties, and batch sizes above 1 for now.
+is on: greedy, or sampled with ``do_sample=True`` and generate's temperature, top-k and top-p.
+Options it does not serve are refused by name, never ignored: beam search, a streamer, stop
+strings, logits processors, repetition penalties, min-p and the other samplers, and batch sizes
+above 1 for now.
 The model's own ``generate`` comes back with ``accel.unpatch``.
 """
 from __future__ import annotations
@@ -18,9 +20,9 @@ __all__ = ["SpeculativeCausalLM"]
 
 # generate's keyword arguments served here; any other is refused by name
 SERVED = {"input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length", "do_sample", "num_beams",
-          "eos_token_id", "pad_token_id", "use_cache", "generation_config"}
+          "eos_token_id", "pad_token_id", "use_cache", "generation_config", "temperature", "top_k", "top_p"}
 # generation-config fields whose non-default value changes greedy decoding, which is not served
-PROCESSING = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+PROCESSING = {"num_beams": 1, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
               "bad_words_ids": None, "min_new_tokens": None, "min_length": 0, "suppress_tokens": None,
               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
               "stop_strings": None, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0,
@@ -55,9 +57,22 @@ class SpeculativeCausalLM(MethodPatch):
         input_ids, max_new_tokens, eos = self._request(model, args, kwargs)
         out = speculative_generate(model, input_ids, draft=self.config.draft, prompt_lookup=self.config.prompt_lookup,
                                    num_draft_tokens=self.config.num_draft_tokens, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos)
+                                   eos_token_id=eos, sampler=self._sampler(model, kwargs))
         self.state = out.stats
         return out.sequences
+
+    @staticmethod
+    def _sampler(model: Any, kwargs: Dict[str, Any]) -> Any:
+        """None for greedy decoding; else a ``Sampler`` with generate's temperature, top-k (0: off) and
+        top-p, from the call or the generation config, as ``generate`` would take them."""
+        from ...llm.speculative import Sampler
+
+        config = kwargs.get("generation_config") or model.generation_config
+        if not kwargs.get("do_sample", getattr(config, "do_sample", False)):
+            return None
+        setting = {name: kwargs.get(name, getattr(config, name, None)) for name in ("temperature", "top_k", "top_p")}
+        return Sampler(temperature=1.0 if setting["temperature"] is None else setting["temperature"],
+                       top_k=setting["top_k"] or None, top_p=setting["top_p"])
 
     def _request(self, model: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, int, Any]:
         """The prompt, the number of new tokens and the end tokens of a ``generate`` call; a
@@ -72,8 +87,8 @@ class SpeculativeCausalLM(MethodPatch):
         for name, default in PROCESSING.items():
             value = kwargs.get(name, getattr(config, name, default))
             if value != default and value is not None:
-                raise ValueError(f"speculative: generate with {name}={value!r} is not served yet (greedy decoding "
-                                 f"only: {name}={default!r}); unpatch to use it")
+                raise ValueError(f"speculative: generate with {name}={value!r} is not served yet (only "
+                                 f"{name}={default!r}); unpatch to use it")
         input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         if not torch.is_tensor(input_ids) or input_ids.ndim != 2:
             raise ValueError("speculative: generate needs input_ids, a [batch, length] tensor of token ids")
