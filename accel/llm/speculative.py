@@ -17,11 +17,14 @@ Proposers:
 Both models keep their KV caches (transformers' ``DynamicCache``) across rounds, and rejected
 positions are cropped from them.
 
-**Built so far** (issue 15, first part): batch size 1, greedy (token for token the target's
-``generate``) or sampled (speculative sampling: the target's distribution, with temperature,
-top-k and top-p applied identically to both models). Batch size above 1 with per-row cache
-rollback, adaptive draft lengths and self-speculation are not built yet, and asking for them is an
-error.
+**Built so far** (issue 15, first part):
+- greedy decoding, token for token the target's ``generate``, at batch size 1 and for left-padded
+  batches, where each row accepts its own number of drafted tokens (``speculative_batch``: the
+  caches only grow, and a row's rejected positions become masked holes);
+- sampling at batch size 1 by speculative sampling: the target's distribution, with temperature,
+  top-k and top-p applied identically to both models.
+Sampling at batch size above 1, adaptive draft lengths, self-speculation and the shipped draft
+are not built yet; asking for sampled batches is an error.
 """
 from __future__ import annotations
 
@@ -191,18 +194,36 @@ class _DraftModel:
 def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optional[Any] = None,
                          prompt_lookup: Optional[int] = None, num_draft_tokens: int = 4, max_new_tokens: int = 32,
                          eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-                         sampler: Optional[Sampler] = None) -> SpeculativeOutput:
-    """Decoding of ``target`` from ``input_ids: [1, L]`` with drafts from ``draft`` (a causal LM
+                         sampler: Optional[Sampler] = None, attention_mask: Optional[torch.Tensor] = None,
+                         pad_token_id: Optional[int] = None) -> SpeculativeOutput:
+    """Decoding of ``target`` from ``input_ids: [B, L]`` (left-padded, ``attention_mask`` 1 on the
+    real tokens, when B > 1) with drafts from ``draft`` (a causal LM
     sharing the target's vocabulary) or from ``prompt_lookup`` (the n-gram length), stopping after
     ``eos_token_id`` (default: the target's generation config's) or ``max_new_tokens``.
 
-    Greedy (``sampler=None``): the tokens of ``target.generate(input_ids, do_sample=False, ...)``.
+    Greedy (``sampler=None``): the tokens of ``target.generate(input_ids, do_sample=False, ...)``,
+    finished rows padded with ``pad_token_id`` (default: the generation config's, else the
+    end-of-sequence token) as ``generate`` pads them.
     With a ``Sampler``: speculative sampling, whose tokens are distributed as the target's own
     sampling with the same temperature, top-k and top-p (applied identically to the draft)."""
     _check(target, input_ids, draft, prompt_lookup, num_draft_tokens, max_new_tokens)
+    config = getattr(target, "generation_config", None)
     if eos_token_id is None:
-        eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+        eos_token_id = getattr(config, "eos_token_id", None)
     stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    if input_ids.shape[0] > 1 or (attention_mask is not None and not bool(attention_mask.all())):
+        if sampler is not None:
+            raise ValueError("speculative_generate: sampling at batch size > 1 is not built yet (greedy only)")
+        from .speculative_batch import generate_batch
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if pad_token_id is None:
+            pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None:  # as generate: the end-of-sequence token pads
+            pad_token_id = min(stops) if stops else 0
+        return generate_batch(target, input_ids, mask, draft=draft, prompt_lookup=prompt_lookup,
+                              num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, stops=stops,
+                              pad_token_id=pad_token_id)
     proposer = _DraftModel(draft) if draft is not None else None
     logits, cache = _forward(target, input_ids, None, keep=1)
     first = logits[0, -1].argmax() if sampler is None else sampler.draw(sampler.probs(logits[0, -1:])[0])
@@ -254,9 +275,6 @@ def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draf
         raise TypeError(f"speculative_generate: target must be a transformers causal LM; got {type(target).__name__}")
     if not torch.is_tensor(input_ids) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
         raise TypeError("speculative_generate: input_ids must be a [batch, length] int64 tensor")
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"speculative_generate: batch size {input_ids.shape[0]} is not supported yet (batch size 1 "
-                         f"only; per-row rollback is the next part of issue 15)")
     if (draft is None) == (prompt_lookup is None):
         raise ValueError("speculative_generate: give exactly one proposer, draft= (a causal LM) or prompt_lookup= "
                          "(an n-gram length)")

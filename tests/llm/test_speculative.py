@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from accel.llm.speculative import prompt_lookup_proposal, speculative_generate
+from accel.llm.speculative import Sampler, prompt_lookup_proposal, speculative_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,8 +116,8 @@ def test_bad_input_is_refused_by_name():
         speculative_generate(target, ids)
     with pytest.raises(TypeError, match="draft must be a transformers causal LM"):
         speculative_generate(target, ids, draft=lambda x: x)
-    with pytest.raises(ValueError, match="batch size 2 is not supported yet"):
-        speculative_generate(target, ids.repeat(2, 1), draft=target)
+    with pytest.raises(ValueError, match="sampling at batch size > 1 is not built yet"):
+        speculative_generate(target, ids.repeat(2, 1), draft=target, sampler=Sampler())
 
 
 # -- accel.patch(model, speculative=...): the model's own generate -------------------------------------
@@ -164,8 +164,8 @@ def test_options_it_does_not_serve_are_refused_by_name(option, value, message):
     with accel.patched(target, speculative="prompt_lookup"):
         with pytest.raises(ValueError, match=message):
             target.generate(ids, max_new_tokens=4, **{option: value})
-        with pytest.raises(ValueError, match="batch size 2 is not served yet"):
-            target.generate(ids.repeat(2, 1), max_new_tokens=4)
+        with pytest.raises(ValueError, match="do_sample=True at batch size 2"):
+            target.generate(ids.repeat(2, 1), max_new_tokens=4, do_sample=True)
 
 
 def test_a_bad_draft_is_refused_and_the_model_left_as_it_was():
@@ -293,3 +293,94 @@ def test_patched_generate_samples_with_generates_settings():
         logits = target(first[:, :-1]).logits[0, ids.shape[1] - 1:]
     top3 = logits.topk(3, dim=-1).indices
     assert all(int(token) in top3[i].tolist() for i, token in enumerate(first[0, ids.shape[1]:]))
+
+
+# -- batch size above 1: each row accepts its own number of tokens ------------------------------------
+
+
+def left_padded(lengths, seed=1, repeat_row=None):
+    """Prompts of different lengths, left-padded with 0 (``repeat_row``: that row's prompt is one
+    short pattern repeated, so prompt lookup finds matches there and nowhere else)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids, mask = torch.zeros(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        row = torch.randint(3, VOCAB, (n,), generator=g)
+        if b == repeat_row:
+            row = row[:4].repeat(n // 4 + 1)[:n]
+        ids[b, width - n:], mask[b, width - n:] = row, 1
+    return ids, mask
+
+
+def noisy_copy(model, scale, seed=11):
+    """The model with its weights perturbed: a draft that agrees with it often but not always."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return draft
+
+
+def greedy_batch(model, ids, mask, new, eos=None):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, eos_token_id=eos,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_a_left_padded_batch_is_the_targets_own_batched_greedy(kind, k):
+    target = causal_lm(kind, seed=0)
+    ids, mask = left_padded([12, 5, 9])
+    draft = noisy_copy(target, 0.005)
+    out = speculative_generate(target, ids, attention_mask=mask, draft=draft, num_draft_tokens=k, max_new_tokens=16,
+                               pad_token_id=0)
+    assert torch.equal(out.sequences, greedy_batch(target, ids, mask, 16))
+    rows = out.stats["accepted_per_row"]
+    assert len(set(rows)) > 1 and 0 < out.stats["acceptance_rate"] < 1  # rows accepted different counts
+
+
+def test_a_batch_with_the_target_as_its_own_draft_accepts_everything():
+    target = causal_lm(seed=0)
+    ids, mask = left_padded([10, 6, 8, 3], seed=2)
+    k, new = 3, 15
+    out = speculative_generate(target, ids, attention_mask=mask, draft=target, num_draft_tokens=k, max_new_tokens=new,
+                               pad_token_id=0)
+    assert torch.equal(out.sequences, greedy_batch(target, ids, mask, new))
+    assert out.stats["acceptance_rate"] == 1.0
+    assert out.stats["target_calls"] == 1 + math.ceil((new - 1) / (k + 1))
+
+
+def test_prompt_lookup_in_a_batch_accepts_only_where_text_recurs():
+    target = causal_lm(seed=0)
+    ids, mask = left_padded([16, 11, 13], seed=3, repeat_row=0)
+    out = speculative_generate(target, ids, attention_mask=mask, prompt_lookup=2, num_draft_tokens=4,
+                               max_new_tokens=12, pad_token_id=0)
+    assert torch.equal(out.sequences, greedy_batch(target, ids, mask, 12))
+    assert out.stats["drafted"] > 0
+
+
+def test_a_row_ending_mid_batch_is_padded_as_generate_pads_it():
+    target = causal_lm(seed=0)
+    ids, mask = left_padded([9, 12, 6], seed=4)
+    free = greedy_batch(target, ids, mask, 20)[1, ids.shape[1]:].tolist()
+    eos = free[4]  # row 1 stops after its fifth token; the others may stop elsewhere or not at all
+    expected = greedy_batch(target, ids, mask, 20, eos=eos)
+    for proposer in ({"draft": noisy_copy(target, 0.005)}, {"draft": target}, {"prompt_lookup": 2}):
+        out = speculative_generate(target, ids, attention_mask=mask, num_draft_tokens=3, max_new_tokens=20,
+                                   eos_token_id=eos, pad_token_id=0, **proposer)
+        assert torch.equal(out.sequences, expected), proposer
+
+
+def test_patched_generate_serves_a_padded_batch():
+    import accel
+
+    target = causal_lm(seed=0)
+    ids, mask = left_padded([7, 11], seed=5)
+    expected = greedy_batch(target, ids, mask, 10)
+    with accel.patched(target, speculative=noisy_copy(target, 0.005)):
+        out = target.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0)
+    assert torch.equal(out, expected)

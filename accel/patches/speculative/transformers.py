@@ -3,8 +3,9 @@
 ``model.generate(input_ids, max_new_tokens=...)`` runs ``accel.llm.speculative`` while the patch
 is on: greedy, or sampled with ``do_sample=True`` and generate's temperature, top-k and top-p.
 Options it does not serve are refused by name, never ignored: beam search, a streamer, stop
-strings, logits processors, repetition penalties, min-p and the other samplers, and batch sizes
-above 1 for now.
+strings, logits processors, repetition penalties, min-p and the other samplers, and sampling at
+batch sizes above 1 for now. Greedy batches (left-padded, with their attention mask) are served,
+each row accepting its own number of drafted tokens (``accel.llm.speculative_batch``).
 The model's own ``generate`` comes back with ``accel.unpatch``.
 """
 from __future__ import annotations
@@ -55,9 +56,16 @@ class SpeculativeCausalLM(MethodPatch):
         from ...llm.speculative import speculative_generate
 
         input_ids, max_new_tokens, eos = self._request(model, args, kwargs)
+        sampler = self._sampler(model, kwargs)
+        mask = kwargs.get("attention_mask")
+        if sampler is not None and (input_ids.shape[0] > 1 or (mask is not None and not bool(mask.all()))):
+            raise ValueError(f"speculative: do_sample=True at batch size {input_ids.shape[0]} (or with padding) is not "
+                             f"served yet (sampling at batch size 1 only); unpatch to sample a batch")
+        config = kwargs.get("generation_config") or model.generation_config
         out = speculative_generate(model, input_ids, draft=self.config.draft, prompt_lookup=self.config.prompt_lookup,
                                    num_draft_tokens=self.config.num_draft_tokens, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos, sampler=self._sampler(model, kwargs))
+                                   eos_token_id=eos, sampler=sampler, attention_mask=mask,
+                                   pad_token_id=kwargs.get("pad_token_id", getattr(config, "pad_token_id", None)))
         self.state = out.stats
         return out.sequences
 
@@ -92,12 +100,6 @@ class SpeculativeCausalLM(MethodPatch):
         input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         if not torch.is_tensor(input_ids) or input_ids.ndim != 2:
             raise ValueError("speculative: generate needs input_ids, a [batch, length] tensor of token ids")
-        if input_ids.shape[0] != 1:
-            raise ValueError(f"speculative: batch size {input_ids.shape[0]} is not served yet (batch size 1 only; "
-                             f"per-row rollback is the next part of issue 15); unpatch to generate a batch")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            raise ValueError("speculative: an attention_mask with padding is not served yet (batch size 1, no padding)")
         max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
         if max_new is None:
             max_length = kwargs.get("max_length", getattr(config, "max_length", None) or 20)

@@ -1,0 +1,167 @@
+"""Greedy speculative decoding for a batch whose rows accept different numbers of tokens.
+
+transformers' caches crop every row by the same amount (``DynamicCache.crop``), which is why its
+assisted generation refuses batches. Here each model's cache only grows: every round appends the
+same number of positions to every row. A per-position validity mask marks what each row really
+holds, so a row's rejected drafts, its left padding and the fillers of shorter proposals stay in
+the cache as masked holes. Each row's next position id is its count of valid positions, so its
+rotary positions run on as if the holes were not there. In exact arithmetic every row computes
+what ``generate`` computes for it, left padding included. Verifying several tokens at once changes
+the shapes of the products, so equality is tested in float64.
+
+Rows that finish (an end-of-sequence token, or ``max_new_tokens``) feed masked fillers until every
+row is done. The output is padded with ``pad_token_id`` after them, as ``generate`` pads it.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Set
+
+import torch
+
+from .speculative import SpeculativeOutput, prompt_lookup_proposal
+
+__all__ = ["generate_batch"]
+
+
+class _MaskedCache:
+    """One model's KV cache with the validity of each position, per row (``valid [B, T]``)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.cache, self.valid = model, None, None
+        self.mark = 0  # a position index the caller keeps (the draft's first fed-back proposal)
+
+    def step(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens: [B, n]``, of which ``real: [B, n]`` count; the logits ``[B, n, V]``."""
+        held = real.new_zeros(real.shape[0], 0) if self.valid is None else self.valid
+        mask = torch.cat([held, real], dim=1)
+        # each token's position: the real positions before it in its row
+        positions = (held.sum(1, keepdim=True) + real.long().cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, use_cache=True,
+                         **({} if self.cache is None else {_cache_keyword(self.model): self.cache}))
+        self.cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+        self.valid = mask
+        return out.logits
+
+    def forget(self, row: int, start: int, stop: int) -> None:
+        """Mark positions ``start:stop`` of ``row`` as never held (rejected drafts)."""
+        self.valid[row, start:stop] = False
+
+
+def _cache_keyword(model: Any) -> str:
+    from .speculative import _keywords
+
+    return _keywords(type(model))[0]
+
+
+@torch.no_grad()
+def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, draft: Optional[Any],
+                   prompt_lookup: Optional[int], num_draft_tokens: int, max_new_tokens: int, stops: Set[int],
+                   pad_token_id: int) -> SpeculativeOutput:
+    """Greedy speculative decoding of ``input_ids: [B, L]`` (left-padded; ``attention_mask`` 1 on
+    the real tokens): the tokens of ``target.generate(input_ids, attention_mask=..., do_sample=False)``."""
+    batch = input_ids.shape[0]
+    real = attention_mask.bool()
+    verifier = _MaskedCache(target)
+    logits = verifier.step(input_ids, real)
+    last = logits[:, -1].argmax(-1)  # each row's newest token, not yet in the target's cache
+    made: List[List[int]] = [[int(t)] for t in last]
+    history = [input_ids[b][real[b]].tolist() + made[b] for b in range(batch)]
+    done = [made[b][-1] in stops or max_new_tokens == 1 for b in range(batch)]
+    drafter = _MaskedCache(draft) if draft is not None else None
+    unseen: List[List[int]] = [[] for _ in range(batch)]  # tokens of each row the draft has not read yet
+    if drafter is not None:
+        drafter.step(input_ids, real)
+        unseen = [[made[b][-1]] for b in range(batch)]
+    calls, drafted, accepted, checks = 1, 0, 0, 0
+    accepted_rows = [0] * batch
+    filler = int(last[0])
+    while not all(done):
+        room = [0 if done[b] else min(num_draft_tokens, max_new_tokens - len(made[b]) - 1) for b in range(batch)]
+        proposals = _propose(drafter, unseen, history, done, room, prompt_lookup, filler, input_ids.device)
+        width = max(len(p) for p in proposals)
+        tokens = torch.full((batch, 1 + width), filler, dtype=torch.long, device=input_ids.device)
+        counted = torch.zeros(batch, 1 + width, dtype=torch.bool, device=input_ids.device)
+        for b in range(batch):
+            if not done[b]:
+                tokens[b, 0], counted[b, 0] = history[b][-1], True
+                tokens[b, 1:1 + len(proposals[b])] = torch.tensor(proposals[b], dtype=torch.long)
+                counted[b, 1:1 + len(proposals[b])] = True
+        start = verifier.valid.shape[1]
+        choices = verifier.step(tokens, counted).argmax(-1).tolist()
+        calls += 1
+        for b in range(batch):
+            if done[b]:
+                continue
+            checks += 1
+            proposal, kept = proposals[b], 0
+            while kept < len(proposal) and proposal[kept] == choices[b][kept]:
+                kept += 1
+            produced = proposal[:kept] + [choices[b][kept]]
+            for i, token in enumerate(produced):
+                if token in stops:
+                    produced = produced[:i + 1]
+                    break
+            drafted, accepted = drafted + len(proposal), accepted + min(kept, len(produced))
+            accepted_rows[b] += min(kept, len(produced))
+            verifier.forget(b, start + 1 + kept, start + 1 + width)  # rejected drafts and fillers
+            if drafter is not None:
+                _settle_draft(drafter, b, proposal, kept, produced, unseen)
+            made[b] += produced
+            history[b] += produced
+            done[b] = produced[-1] in stops or len(made[b]) >= max_new_tokens
+    longest = max(len(m) for m in made)
+    new = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=input_ids.device)
+    for b in range(batch):
+        new[b, :len(made[b])] = torch.tensor(made[b], dtype=torch.long)
+    stats: Dict[str, Any] = {"target_calls": calls, "drafted": drafted, "accepted": accepted,
+                               "acceptance_rate": accepted / drafted if drafted else 0.0,
+                               "mean_accepted_length": 1 + accepted / checks if checks else 1.0,
+                               "new_tokens": sum(len(m) for m in made), "accepted_per_row": accepted_rows}
+    return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats)
+
+
+def _propose(drafter: Optional[_MaskedCache], unseen: List[List[int]], history: List[List[int]], done: List[bool],
+             room: Sequence[int], prompt_lookup: Optional[int], filler: int, device: torch.device) -> List[List[int]]:
+    """Each row's proposal (up to ``room[b]`` tokens; none for finished rows)."""
+    batch = len(history)
+    if drafter is None:
+        return [[] if done[b] or room[b] <= 0 else prompt_lookup_proposal(history[b], prompt_lookup, room[b])
+                for b in range(batch)]
+    count = max(room)
+    proposals: List[List[int]] = [[] for _ in range(batch)]
+    if count <= 0:
+        return proposals
+    # first step: every row's unseen tokens (one or two), right-aligned, fillers masked
+    width = max(1, max(len(u) for u in unseen))
+    tokens = torch.full((batch, width), filler, dtype=torch.long, device=device)
+    counted = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    for b, pending in enumerate(unseen):
+        if pending and not done[b]:
+            tokens[b, width - len(pending):] = torch.tensor(pending, dtype=torch.long)
+            counted[b, width - len(pending):] = True
+    for step in range(count):
+        guess = drafter.step(tokens, counted)[:, -1].argmax(-1).tolist()
+        if step == 0:
+            drafter.mark = drafter.valid.shape[1]  # where the proposals fed back as inputs begin
+        for b in range(batch):
+            if not done[b] and step < room[b]:
+                proposals[b].append(guess[b])
+        if step == count - 1:
+            break
+        tokens = torch.tensor([[g] for g in guess], dtype=torch.long, device=device)
+        # a proposal goes in as the next input only where the row wants one more after it
+        counted = torch.tensor([[not done[b] and step < room[b] - 1] for b in range(batch)], device=device)
+    for b in range(batch):
+        unseen[b] = []
+    return proposals
+
+
+def _settle_draft(drafter: _MaskedCache, row: int, proposal: List[int], kept: int, produced: List[int],
+                  unseen: List[List[int]]) -> None:
+    """After verification: the draft read its row's proposal up to the one before last; unmark the
+    rejected ones and note what it has not read (the last accepted draft if all were, and the
+    target's own token)."""
+    count = len(proposal)
+    if count:  # proposals 1..count-1 went in as inputs from drafter.mark on (the last was never fed)
+        drafter.forget(row, drafter.mark + min(kept, count - 1), drafter.valid.shape[1])
+    unseen[row] += ([proposal[-1]] if count and kept == count else []) + [produced[-1]]
