@@ -100,18 +100,21 @@ def test_gpu_probe_adaptive_sets_both_methods_to_the_asked_depth():
 
 
 def test_bench_llm_measures_both_lookups_against_greedy(tmp_path, smollm2_cache):
-    """The speculative-decoding benchmark on the built-in model (one short prompt per set): every
-    variant's tokens equal greedy generate's, and accel's rows carry acceptance figures."""
+    """The speculative-decoding benchmark on the built-in model, each set's two short prompts as one
+    batch: accel's tokens equal batched greedy generate's, with acceptance figures, and
+    transformers' prompt lookup is recorded as refusing the batch."""
     import os
 
     out = tmp_path / "llm.json"
     env = dict(os.environ, ACCEL_CACHE=str(smollm2_cache[0]))
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_llm.py"), "--quick", "--threads", "1", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_llm.py"), "--quick", "--batched", "--threads", "1",
+           "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env=env)
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["prompts"], r["variant"]) for r in rows} == {
-        (p, v) for p in ("grounded", "open")
-        for v in ("generate (greedy)", "accel prompt lookup", "transformers prompt lookup")}
-    assert all(r["equal to greedy"] == "yes" and r["tokens/s"] > 0 for r in rows)
-    assert all(0 <= r["acceptance"] <= 1 and r["mean accepted length"] >= 1
-               for r in rows if r["variant"] == "accel prompt lookup")
+    rows = {(r["prompts"], r["variant"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(p, v) for p in ("grounded", "open")
+                         for v in ("generate (greedy)", "accel prompt lookup", "transformers prompt lookup")}
+    for prompts in ("grounded", "open"):
+        ours = rows[(prompts, "accel prompt lookup")]
+        assert ours["batch"] == 2 and ours["equal to greedy"] == "yes" and ours["tokens/s"] > 0
+        assert 0 <= ours["acceptance"] <= 1 and ours["mean accepted length"] >= 1
+        assert rows[(prompts, "transformers prompt lookup")]["equal to greedy"].startswith("refused")
