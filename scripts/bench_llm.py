@@ -9,7 +9,8 @@ library modules, which ship with every Python):
 - open: "Write a short paragraph about <the module's first sentence>", where it mostly does not.
 
 Every variant's tokens are compared with greedy ``generate``'s. This issue's shipped draft model
-is not built yet, so there is no draft-model row.
+is not built yet, so there is no draft-model row; ``--self-speculation N`` adds the model's own
+first N layers (untrained) as a draft.
 
     python scripts/bench_llm.py                      # 2 threads, 64 new tokens, 5 rounds, batch size 1
     python scripts/bench_llm.py --batched            # each set's 4 prompts as one batch
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from accel.eval.report import format_table, machine_description  # noqa: E402
 from accel.eval.timing import time_interleaved  # noqa: E402
-from accel.llm.speculative import speculative_generate  # noqa: E402
+from accel.llm.speculative import layer_skip_draft, speculative_generate  # noqa: E402
 
 MODULES = ("json", "csv", "textwrap", "difflib", "heapq", "fractions")
 
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=6, help="tokens proposed per pass (both lookups)")
     parser.add_argument("--ngram", type=int, default=3, help="accel's prompt-lookup n-gram length")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--self-speculation", type=int, default=None, metavar="LAYERS",
+                        help="also draft with the model's own first LAYERS layers (untrained)")
     parser.add_argument("--batched", action="store_true",
                         help="each set's prompts as one left-padded batch (default: one prompt per call)")
     parser.add_argument("--threads", type=int, default=2)
@@ -96,11 +99,12 @@ def main() -> None:
     print(f"{record['machine']}; {name}; {new} new tokens, {k} drafted per pass; load average "
           f"{record['load average']:.2f}", flush=True)
     sets = requests(tokenizer, args.prompts, args.words)
+    shallow = None if args.self_speculation is None else layer_skip_draft(model, args.self_speculation)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for label, prompts in sets.items():
         calls = [left_pad(prompts, pad)] if args.batched else [(ids, None) for ids in prompts]
         batch = len(prompts) if args.batched else 1
-        stats: Dict[str, List[Dict[str, float]]] = {"accel prompt lookup": []}
+        stats: Dict[str, List[Dict[str, float]]] = {"accel prompt lookup": [], "accel self-speculation": []}
         outputs: Dict[str, List[torch.Tensor]] = {}
 
         def run(variant: str) -> None:
@@ -113,13 +117,17 @@ def main() -> None:
                     got.append(model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                               pad_token_id=pad, prompt_lookup_num_tokens=k))
                 else:
-                    out = speculative_generate(model, ids, attention_mask=mask, prompt_lookup=args.ngram,
-                                               num_draft_tokens=k, max_new_tokens=new, pad_token_id=pad)
+                    proposer = ({"draft": shallow} if variant == "accel self-speculation" else
+                                {"prompt_lookup": args.ngram})
+                    out = speculative_generate(model, ids, attention_mask=mask, num_draft_tokens=k,
+                                               max_new_tokens=new, pad_token_id=pad, **proposer)
                     got.append(out.sequences)
                     stats[variant].append(out.stats)
             outputs[variant] = got
 
         variants = ["generate (greedy)", "accel prompt lookup", "transformers prompt lookup"]
+        if shallow is not None:
+            variants.append("accel self-speculation")
         refused = {}
         with torch.inference_mode():
             try:  # transformers' candidate generators refuse batches

@@ -28,6 +28,7 @@ are not built yet; asking for sampled batches is an error.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -35,7 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["SpeculativeOutput", "Sampler", "speculative_generate", "verify_sampled", "prompt_lookup_proposal"]
+__all__ = ["SpeculativeOutput", "Sampler", "speculative_generate", "verify_sampled", "prompt_lookup_proposal",
+           "layer_skip_draft"]
 
 
 @dataclasses.dataclass
@@ -157,6 +159,39 @@ def verify_sampled(proposal: Sequence[int], draft_probs: Optional[torch.Tensor],
         total = float(residual.sum())
         return i, sampler.draw(residual / total if total > 0 else target_probs[i])
     return len(proposal), sampler.draw(target_probs[len(proposal)])
+
+
+def layer_skip_draft(model: Any, layers: int) -> Any:
+    """Self-speculation (after Draft & Verify, Zhang et al. 2024, and LayerSkip, Elhoushi et al.
+    2024): the model's own first ``layers`` decoder layers, then its final norm and head, as a
+    draft. It shares every weight with the model and costs no memory but its KV cache.
+
+    Untrained, a truncated model agrees poorly with the whole one: SmolLM2-135M cut after 10 of 30
+    layers agrees with its greedy choice on few tokens (docs/benchmarks.md). The draft is a shallow
+    copy of ``model`` with its own config (``num_hidden_layers = layers``); the model is untouched."""
+    from ..patches.settings import check_int
+
+    inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    total = len(getattr(inner, "layers", []))
+    if not total or not hasattr(model, "config"):
+        raise TypeError(f"layer_skip_draft: model must be a transformers decoder LM with .{model.base_model_prefix}"
+                        f".layers; got {type(model).__name__}")
+    check_int("layer_skip_draft", "layers", layers, 1, f"an int in [1, {total - 1}] (the model has {total})")
+    if layers >= total:
+        raise ValueError(f"layer_skip_draft: layers must be an int in [1, {total - 1}] (the model has {total}); "
+                         f"got {layers}")
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layers  # transformers' decoders run self.layers[:num_hidden_layers]
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:layers]
+    draft_inner = copy.copy(inner)
+    draft_inner._modules = dict(inner._modules)  # its own module table: the model's stays as it is
+    draft_inner.config = config
+    draft = copy.copy(model)
+    draft._modules = dict(model._modules)
+    draft._modules[model.base_model_prefix] = draft_inner
+    draft.config = config
+    return draft
 
 
 class _DraftModel:

@@ -384,3 +384,28 @@ def test_patched_generate_serves_a_padded_batch():
     with accel.patched(target, speculative=noisy_copy(target, 0.005)):
         out = target.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0)
     assert torch.equal(out, expected)
+
+
+# -- self-speculation: the model's own first layers as the draft ---------------------------------------
+
+
+def test_a_layer_skip_draft_is_the_models_first_layers_and_leaves_the_model_alone():
+    from accel.llm.speculative import layer_skip_draft
+
+    target, ids = causal_lm(seed=0, layers=3), prompt(seed=12)
+    with torch.no_grad():
+        before = target(ids).logits
+        draft = layer_skip_draft(target, 1)
+        h = target.model.embed_tokens(ids)
+        position = torch.arange(ids.shape[1])[None]
+        rotary = target.model.rotary_emb(h, position)
+        h = target.model.layers[0](h, attention_mask=None, position_ids=position, position_embeddings=rotary)
+        h = h[0] if isinstance(h, tuple) else h
+        by_hand = target.lm_head(target.model.norm(h))
+        torch.testing.assert_close(draft(ids).logits, by_hand, rtol=0, atol=1e-10)
+        assert torch.equal(target(ids).logits, before) and target.config.num_hidden_layers == 3
+        assert draft.lm_head.weight is target.lm_head.weight  # shared, not copied
+    out = speculative_generate(target, ids, draft=draft, num_draft_tokens=3, max_new_tokens=12)
+    assert torch.equal(out.sequences, greedy(target, ids, 12))
+    with pytest.raises(ValueError, match=r"layers must be an int in \[1, 2\]"):
+        layer_skip_draft(target, 3)
