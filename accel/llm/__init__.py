@@ -6,6 +6,6 @@
 
 Built: speculative decoding, greedy at any batch size (each row accepting its own count) and
 sampled at batch size 1 (``speculative``). Still to come: sampled batches, adaptive draft lengths,
-the shipped draft and self-speculation (issue 15), the paged KV cache and
+the shipped draft and trained exit adapters for self-speculation (issue 15), the paged KV cache and
 continuous batching (16), Mixture of Experts (17) and Mixture of Depths (18).
 """

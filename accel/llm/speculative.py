@@ -8,8 +8,8 @@ output, token for token; each target forward yields between 1 and ``k + 1`` toke
     out.sequences, out.stats      # [1, prompt + new] token ids; acceptance rate, mean accepted length
 
 Proposers:
-- a draft model: any transformers causal LM with the target's vocabulary, run greedily on its own
-  KV cache;
+- a draft model: any transformers causal LM with the target's vocabulary, run on its own KV cache
+  (``layer_skip_draft`` makes one from the target's own first layers);
 - prompt lookup (Saxena 2023): the tokens that followed the latest earlier occurrence of the last
   ``n`` tokens (``n`` from ``prompt_lookup`` down to 1), with no second model. This pays on outputs
   that copy from their input (summaries, edits, code).
@@ -23,8 +23,9 @@ positions are cropped from them.
   caches only grow, and a row's rejected positions become masked holes);
 - sampling at batch size 1 by speculative sampling: the target's distribution, with temperature,
   top-k and top-p applied identically to both models.
-Sampling at batch size above 1, adaptive draft lengths, self-speculation and the shipped draft
-are not built yet; asking for sampled batches is an error.
+Self-speculation drafts with the model's own first layers (``layer_skip_draft``); untrained it
+agrees too rarely to pay. Sampling at batch size above 1, adaptive draft lengths, exit adapters
+and the shipped draft are not built yet; asking for sampled batches is an error.
 """
 from __future__ import annotations
 
