@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 
 import torch
 
-from .speculative import SpeculativeOutput, prompt_lookup_proposal
+from .speculative import SpeculativeOutput, _keywords, prompt_lookup_proposal
 
 __all__ = ["generate_batch"]
 
@@ -30,14 +30,18 @@ class _MaskedCache:
         self.model, self.cache, self.valid = model, None, None
         self.mark = 0  # a position index the caller keeps (the draft's first fed-back proposal)
 
-    def step(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens: [B, n]``, of which ``real: [B, n]`` count; the logits ``[B, n, V]``."""
+    def step(self, tokens: torch.Tensor, real: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Append ``tokens: [B, n]``, of which ``real: [B, n]`` count; the logits of the last ``keep``
+        positions (0: all) ``[B, keep, V]``."""
         held = real.new_zeros(real.shape[0], 0) if self.valid is None else self.valid
         mask = torch.cat([held, real], dim=1)
         # each token's position: the real positions before it in its row
         positions = (held.sum(1, keepdim=True) + real.long().cumsum(1) - 1).clamp_min(0)
-        out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, use_cache=True,
-                         **({} if self.cache is None else {_cache_keyword(self.model): self.cache}))
+        cache_keyword, takes_keep = _keywords(type(self.model))
+        extra = {"logits_to_keep": keep} if keep and takes_keep else {}
+        if self.cache is not None:
+            extra[cache_keyword] = self.cache
+        out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, use_cache=True, **extra)
         self.cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
         self.valid = mask
         return out.logits
@@ -45,12 +49,6 @@ class _MaskedCache:
     def forget(self, row: int, start: int, stop: int) -> None:
         """Mark positions ``start:stop`` of ``row`` as never held (rejected drafts)."""
         self.valid[row, start:stop] = False
-
-
-def _cache_keyword(model: Any) -> str:
-    from .speculative import _keywords
-
-    return _keywords(type(model))[0]
 
 
 @torch.no_grad()
@@ -62,15 +60,14 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
     batch = input_ids.shape[0]
     real = attention_mask.bool()
     verifier = _MaskedCache(target)
-    logits = verifier.step(input_ids, real)
-    last = logits[:, -1].argmax(-1)  # each row's newest token, not yet in the target's cache
+    last = verifier.step(input_ids, real, keep=1)[:, -1].argmax(-1)  # each row's newest token, not yet in the target's cache
     made: List[List[int]] = [[int(t)] for t in last]
     history = [input_ids[b][real[b]].tolist() + made[b] for b in range(batch)]
     done = [made[b][-1] in stops or max_new_tokens == 1 for b in range(batch)]
     drafter = _MaskedCache(draft) if draft is not None else None
     unseen: List[List[int]] = [[] for _ in range(batch)]  # tokens of each row the draft has not read yet
     if drafter is not None:
-        drafter.step(input_ids, real)
+        drafter.step(input_ids, real, keep=1)  # reads the prompts; its first guess comes next round
         unseen = [[made[b][-1]] for b in range(batch)]
     calls, drafted, accepted, checks = 1, 0, 0, 0
     accepted_rows = [0] * batch
