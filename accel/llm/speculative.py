@@ -33,7 +33,7 @@ import copy
 import dataclasses
 import functools
 import inspect
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -71,17 +71,44 @@ def _keywords(model_class: type) -> Tuple[str, bool]:
     return ("cache" if "cache" in parameters else "past_key_values"), "logits_to_keep" in parameters
 
 
-def _forward(model: Any, ids: torch.Tensor, cache: Any, keep: int = 0):
-    """``model`` on ``ids: [1, n]`` after ``cache``: the logits of the last ``keep`` positions (0:
-    all) ``[1, keep, V]`` and the grown cache. The prompt's pass keeps one: projecting every prompt
-    position onto the vocabulary would cost more than the rest of the pass on a small model."""
+def _forward(model: Any, ids: torch.Tensor, cache: Any, keep: int = 0, **inputs: Any):
+    """``model`` on ``ids: [B, n]`` after ``cache`` (and ``inputs`` such as an attention mask and
+    position ids): the logits of the last ``keep`` positions (0: all) ``[B, keep, V]`` and the grown
+    cache. The prompt's pass keeps one: projecting every prompt position onto the vocabulary would
+    cost more than the rest of the pass on a small model."""
     cache_keyword, takes_keep = _keywords(type(model))
-    extra = {"logits_to_keep": keep} if keep and takes_keep else {}
+    if keep and takes_keep:
+        inputs["logits_to_keep"] = keep
     if cache is not None:
-        extra[cache_keyword] = cache
-    out = model(input_ids=ids, use_cache=True, **extra)
+        inputs[cache_keyword] = cache
+    out = model(input_ids=ids, use_cache=True, **inputs)
     grown = getattr(out, "past_key_values", None)
     return out.logits, grown if grown is not None else getattr(out, "cache", None)
+
+
+def greedy_accept(proposal: Sequence[int], choices: Sequence[int], stops: Set[int]) -> Tuple[int, List[int]]:
+    """The target's greedy check of ``proposal`` given its choice after each checked position
+    (``choices``, one more than the proposal): how many drafts it kept, and the tokens produced (the
+    kept drafts and its own next token), cut right after an end-of-sequence token as ``generate``
+    stops there."""
+    kept = 0
+    while kept < len(proposal) and proposal[kept] == choices[kept]:
+        kept += 1
+    return kept, _until_stop(list(proposal[:kept]) + [choices[kept]], stops)
+
+
+def _until_stop(produced: List[int], stops: Set[int]) -> List[int]:
+    for i, token in enumerate(produced):
+        if token in stops:
+            return produced[:i + 1]
+    return produced
+
+
+def request_stats(calls: int, drafted: int, accepted: int, checks: int, new: int) -> Dict[str, Any]:
+    """A request's figures, with vLLM's definitions (``checks``: verifications of a row)."""
+    return {"target_calls": calls, "drafted": drafted, "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mean_accepted_length": 1 + accepted / checks if checks else 1.0, "new_tokens": new}
 
 
 def prompt_lookup_proposal(tokens: Sequence[int], ngram: int, count: int) -> List[int]:
@@ -277,19 +304,11 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
         checked = torch.cat([tokens[:, -1:], tokens.new_tensor([proposal])], dim=1)
         logits, cache = _forward(target, checked, cache)
         calls, rounds = calls + 1, rounds + 1
-        if sampler is None:
-            choices = logits[0].argmax(-1).tolist()  # the target's token after each checked position
-            kept = 0
-            while kept < len(proposal) and proposal[kept] == choices[kept]:
-                kept += 1
-            following = choices[kept]
+        if sampler is None:  # the target's token after each checked position
+            kept, produced = greedy_accept(proposal, logits[0].argmax(-1).tolist(), stops)
         else:
             kept, following = verify_sampled(proposal, draft_probs, sampler.probs(logits[0]), sampler)
-        produced = proposal[:kept] + [following]
-        for i, token in enumerate(produced):  # generate stops right after an end-of-sequence token
-            if token in stops:
-                produced = produced[:i + 1]
-                break
+            produced = _until_stop(proposal[:kept] + [following], stops)
         drafted, accepted = drafted + len(proposal), accepted + min(kept, len(produced))
         length = tokens.shape[1]
         tokens = torch.cat([tokens, tokens.new_tensor([produced])], dim=1)
@@ -297,10 +316,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
         _truncate(cache, length + kept)  # the checked positions the target agreed with
         if proposer is not None:
             proposer.keep(length + min(kept, len(proposal) - 1) if proposal else proposer.length)
-    stats = {"target_calls": calls, "drafted": drafted, "accepted": accepted,
-             "acceptance_rate": accepted / drafted if drafted else 0.0,
-             "mean_accepted_length": 1 + accepted / rounds if rounds else 1.0, "new_tokens": new}
-    return SpeculativeOutput(tokens, stats)
+    return SpeculativeOutput(tokens, request_stats(calls, drafted, accepted, rounds, new))
 
 
 def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draft_tokens: Any,

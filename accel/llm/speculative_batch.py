@@ -14,11 +14,11 @@ row is done. The output is padded with ``pad_token_id`` after them, as ``generat
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, List, Optional, Sequence, Set
 
 import torch
 
-from .speculative import SpeculativeOutput, _keywords, prompt_lookup_proposal
+from .speculative import SpeculativeOutput, _forward, greedy_accept, prompt_lookup_proposal, request_stats
 
 __all__ = ["generate_batch"]
 
@@ -37,14 +37,10 @@ class _MaskedCache:
         mask = torch.cat([held, real], dim=1)
         # each token's position: the real positions before it in its row
         positions = (held.sum(1, keepdim=True) + real.long().cumsum(1) - 1).clamp_min(0)
-        cache_keyword, takes_keep = _keywords(type(self.model))
-        extra = {"logits_to_keep": keep} if keep and takes_keep else {}
-        if self.cache is not None:
-            extra[cache_keyword] = self.cache
-        out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, use_cache=True, **extra)
-        self.cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+        logits, self.cache = _forward(self.model, tokens, self.cache, keep, attention_mask=mask.long(),
+                                      position_ids=positions)
         self.valid = mask
-        return out.logits
+        return logits
 
     def forget(self, row: int, start: int, stop: int) -> None:
         """Mark positions ``start:stop`` of ``row`` as never held (rejected drafts)."""
@@ -90,14 +86,8 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
             if done[b]:
                 continue
             checks += 1
-            proposal, kept = proposals[b], 0
-            while kept < len(proposal) and proposal[kept] == choices[b][kept]:
-                kept += 1
-            produced = proposal[:kept] + [choices[b][kept]]
-            for i, token in enumerate(produced):
-                if token in stops:
-                    produced = produced[:i + 1]
-                    break
+            proposal = proposals[b]
+            kept, produced = greedy_accept(proposal, choices[b], stops)
             drafted, accepted = drafted + len(proposal), accepted + min(kept, len(produced))
             accepted_rows[b] += min(kept, len(produced))
             verifier.forget(b, start + 1 + kept, start + 1 + width)  # rejected drafts and fillers
@@ -110,10 +100,8 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
     new = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=input_ids.device)
     for b in range(batch):
         new[b, :len(made[b])] = torch.tensor(made[b], dtype=torch.long)
-    stats: Dict[str, Any] = {"target_calls": calls, "drafted": drafted, "accepted": accepted,
-                               "acceptance_rate": accepted / drafted if drafted else 0.0,
-                               "mean_accepted_length": 1 + accepted / checks if checks else 1.0,
-                               "new_tokens": sum(len(m) for m in made), "accepted_per_row": accepted_rows}
+    stats = request_stats(calls, drafted, accepted, checks, sum(len(m) for m in made))
+    stats["accepted_per_row"] = accepted_rows
     return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats)
 
 

@@ -55,13 +55,13 @@ class SpeculativeCausalLM(MethodPatch):
     def _generate(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         from ...llm.speculative import speculative_generate
 
-        input_ids, max_new_tokens, eos = self._request(model, args, kwargs)
-        sampler = self._sampler(model, kwargs)
+        config = kwargs.get("generation_config") or model.generation_config  # as generate reads it
+        input_ids, max_new_tokens, eos = self._request(config, args, kwargs)
+        sampler = self._sampler(config, kwargs)
         mask = kwargs.get("attention_mask")
         if sampler is not None and (input_ids.shape[0] > 1 or (mask is not None and not bool(mask.all()))):
             raise ValueError(f"speculative: do_sample=True at batch size {input_ids.shape[0]} (or with padding) is not "
                              f"served yet (sampling at batch size 1 only); unpatch to sample a batch")
-        config = kwargs.get("generation_config") or model.generation_config
         out = speculative_generate(model, input_ids, draft=self.config.draft, prompt_lookup=self.config.prompt_lookup,
                                    num_draft_tokens=self.config.num_draft_tokens, max_new_tokens=max_new_tokens,
                                    eos_token_id=eos, sampler=sampler, attention_mask=mask,
@@ -70,28 +70,27 @@ class SpeculativeCausalLM(MethodPatch):
         return out.sequences
 
     @staticmethod
-    def _sampler(model: Any, kwargs: Dict[str, Any]) -> Any:
+    def _sampler(config: Any, kwargs: Dict[str, Any]) -> Any:
         """None for greedy decoding; else a ``Sampler`` with generate's temperature, top-k (0: off) and
-        top-p, from the call or the generation config, as ``generate`` would take them."""
+        top-p, from the call or the generation ``config``, as ``generate`` would take them."""
         from ...llm.speculative import Sampler
 
-        config = kwargs.get("generation_config") or model.generation_config
         if not kwargs.get("do_sample", getattr(config, "do_sample", False)):
             return None
         setting = {name: kwargs.get(name, getattr(config, name, None)) for name in ("temperature", "top_k", "top_p")}
         return Sampler(temperature=1.0 if setting["temperature"] is None else setting["temperature"],
                        top_k=setting["top_k"] or None, top_p=setting["top_p"])
 
-    def _request(self, model: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, int, Any]:
-        """The prompt, the number of new tokens and the end tokens of a ``generate`` call; a
-        ``ValueError`` naming any option this patch does not serve."""
+    @staticmethod
+    def _request(config: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, int, Any]:
+        """The prompt, the number of new tokens and the end tokens of a ``generate`` call under the
+        generation ``config`` it uses; a ``ValueError`` naming any option this patch does not serve."""
         if len(args) > 1:
             raise ValueError("speculative: generate takes the prompt as its only positional argument while patched")
         unknown = sorted(set(kwargs) - SERVED - set(PROCESSING))  # the latter: checked for their defaults below
         if unknown:
             raise ValueError(f"speculative: generate option(s) {', '.join(unknown)} are not served by speculative "
                              f"decoding (served: {', '.join(sorted(SERVED))}); unpatch to use them")
-        config = kwargs.get("generation_config") or model.generation_config
         for name, default in PROCESSING.items():
             value = kwargs.get(name, getattr(config, name, default))
             if value != default and value is not None:
