@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from .dispatch import interpreting
+
 __all__ = ["KernelOp"]
 
 
@@ -48,8 +50,6 @@ class KernelOp:
         self.direct: Optional[bool] = None  # eager launches bypass the op (None: not tried yet)
 
     def __call__(self, *args: Any) -> Any:
-        from .dispatch import interpreting
-
         interpret = interpreting()
         op = self.built.get(interpret) or self._build(interpret)
         if self.direct is not False and not interpret and not torch.compiler.is_compiling():
@@ -73,8 +73,6 @@ class KernelOp:
     def jit(self) -> Any:
         """The kernel for ``launch`` to index with its grid: wrapped for ``triton_op`` on CUDA (a plain
         launch outside tracing), the plain jitted kernel in the interpreter."""
-        from .dispatch import interpreting
-
         if interpreting():
             return self.jitted[True]
         return self.wrapped
