@@ -37,6 +37,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .dispatch import select
+from .merging import expand_rows
 from .registration import KernelOp
 
 __all__ = ["gather_tokens", "scatter_tokens", "compact_tokens", "gather_tokens_reference",
@@ -47,22 +48,18 @@ TILE = 4096  # elements one program copies: BLOCK_R rows x BLOCK_C channels
 MAX_BLOCK_C = 1024  # longer rows (an image of N * C) are split over several programs
 
 
-def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
-    return index.unsqueeze(-1).expand(-1, -1, channels)
-
-
 # -- references: the torch ops the patches used before ----------------------------------------------
 def gather_tokens_reference(x: torch.Tensor, index: torch.Tensor, protected: int = 0) -> torch.Tensor:
     """Plain torch: the prefix, then ``x[:, protected:]`` gathered along the tokens."""
     if protected == 0:
-        return x.gather(1, _expand(index, x.shape[-1]))
-    picked = x[:, protected:].gather(1, _expand(index, x.shape[-1]))
+        return x.gather(1, expand_rows(index, x.shape[-1]))
+    picked = x[:, protected:].gather(1, expand_rows(index, x.shape[-1]))
     return torch.cat([x[:, :protected], picked], dim=1)
 
 
 def scatter_tokens_reference(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Plain torch: ``base.scatter`` (out of place) along the tokens."""
-    return base.scatter(1, _expand(index, base.shape[-1]), src)
+    return base.scatter(1, expand_rows(index, base.shape[-1]), src)
 
 
 def compact_tokens_reference(x: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None

@@ -37,7 +37,9 @@ __all__ = ["weighted_merge", "weighted_merge_reference", "weighted_merge_triton"
 ROWS = 4  # output rows per program of the plain merges: a [4, BLOCK_C] tile
 
 
-def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
+def expand_rows(index: torch.Tensor, channels: int) -> torch.Tensor:
+    """Token indices ``[B, K]`` -> ``[B, K, channels]``, for gather/scatter along the tokens (also
+    used by ``unmerging`` and ``compaction``)."""
     return index.unsqueeze(-1).expand(-1, -1, channels)
 
 
@@ -98,9 +100,9 @@ def merge_reference(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_
     head, rest = x[:, :protected], x[:, protected:]
     a, b = rest[:, ::2], rest[:, 1::2]
     c = x.shape[-1]
-    unm = a.gather(1, _expand(unm_idx, c))
-    src = a.gather(1, _expand(src_idx, c))
-    b = b.scatter_reduce(1, _expand(dst_idx, c), src, reduce=mode, include_self=True)
+    unm = a.gather(1, expand_rows(unm_idx, c))
+    src = a.gather(1, expand_rows(src_idx, c))
+    b = b.scatter_reduce(1, expand_rows(dst_idx, c), src, reduce=mode, include_self=True)
     return torch.cat([head, unm, b], dim=1)
 
 
@@ -109,11 +111,11 @@ def merge2d_reference(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor,
     """Plain torch: ``[B, N, C] -> [B, N - r, C]`` (kept sources, then destinations), the sources and
     destinations at the grid positions ``a_idx``/``b_idx: [1, *]``."""
     batch, _, c = x.shape
-    a = x.gather(1, _expand(a_idx.expand(batch, -1), c))
-    b = x.gather(1, _expand(b_idx.expand(batch, -1), c))
-    unm = a.gather(1, _expand(unm_idx, c))
-    src = a.gather(1, _expand(src_idx, c))
-    b = b.scatter_reduce(1, _expand(dst_idx, c), src, reduce=mode, include_self=True)
+    a = x.gather(1, expand_rows(a_idx.expand(batch, -1), c))
+    b = x.gather(1, expand_rows(b_idx.expand(batch, -1), c))
+    unm = a.gather(1, expand_rows(unm_idx, c))
+    src = a.gather(1, expand_rows(src_idx, c))
+    b = b.scatter_reduce(1, expand_rows(dst_idx, c), src, reduce=mode, include_self=True)
     return torch.cat([unm, b], dim=1)
 
 

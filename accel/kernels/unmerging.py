@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .dispatch import select
-from .merging import check_match
+from .merging import check_match, expand_rows
 from .registration import KernelOp
 
 __all__ = ["unmerge", "unmerge2d", "unmerge_reference", "unmerge2d_reference", "unmerge_triton",
@@ -30,24 +30,20 @@ __all__ = ["unmerge", "unmerge2d", "unmerge_reference", "unmerge2d_reference", "
 ROWS = 4  # output rows per program: a [4, BLOCK_C] tile
 
 
-def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
-    return index.unsqueeze(-1).expand(-1, -1, channels)
-
-
 def unmerge_reference(x: torch.Tensor, protected: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
                       dst_idx: torch.Tensor) -> torch.Tensor:
     """Plain torch: ``[B, N - r, C] -> [B, N, C]``."""
     p, n_unm = protected, unm_idx.shape[1]
     head, unm, b = x[:, :p], x[:, p:p + n_unm], x[:, p + n_unm:]
     batch, c = x.shape[0], x.shape[-1]
-    src = b.gather(1, _expand(dst_idx, c))
+    src = b.gather(1, expand_rows(dst_idx, c))
     out = x.new_empty(batch, x.shape[1] + src_idx.shape[1], c)
     out[:, :p] = head
     rest = out[:, p:]
     rest[:, 1::2] = b
     # A token i sits at position 2*i of the unprotected part.
-    rest.scatter_(1, _expand(2 * unm_idx, c), unm)
-    rest.scatter_(1, _expand(2 * src_idx, c), src)
+    rest.scatter_(1, expand_rows(2 * unm_idx, c), unm)
+    rest.scatter_(1, expand_rows(2 * src_idx, c), src)
     return out
 
 
@@ -57,12 +53,12 @@ def unmerge2d_reference(x: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tenso
     batch, _, c = x.shape
     n_unm = unm_idx.shape[1]
     unm, b = x[:, :n_unm], x[:, n_unm:]
-    src = b.gather(1, _expand(dst_idx, c))
+    src = b.gather(1, expand_rows(dst_idx, c))
     a_idx = a_idx.expand(batch, -1)
     out = x.new_empty(batch, x.shape[1] + src_idx.shape[1], c)
-    out.scatter_(1, _expand(b_idx.expand(batch, -1), c), b)
-    out.scatter_(1, _expand(a_idx.gather(1, unm_idx), c), unm)
-    out.scatter_(1, _expand(a_idx.gather(1, src_idx), c), src)
+    out.scatter_(1, expand_rows(b_idx.expand(batch, -1), c), b)
+    out.scatter_(1, expand_rows(a_idx.gather(1, unm_idx), c), unm)
+    out.scatter_(1, expand_rows(a_idx.gather(1, src_idx), c), src)
     return out
 
 
