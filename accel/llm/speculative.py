@@ -21,11 +21,12 @@ positions are cropped from them.
 - greedy decoding, token for token the target's ``generate``, at batch size 1 and for left-padded
   batches, where each row accepts its own number of drafted tokens (``speculative_batch``: the
   caches only grow, and a row's rejected positions become masked holes);
-- sampling at batch size 1 by speculative sampling: the target's distribution, with temperature,
-  top-k and top-p applied identically to both models.
+- sampling at any batch size by speculative sampling: the target's distribution, with
+  temperature, top-k and top-p applied identically to both models;
+- adaptive draft lengths (``draft_confidence``);
+- the shipped draft for the built-in model (``accel.pipelines.load("smollm2-draft")``).
 Self-speculation drafts with the model's own first layers (``layer_skip_draft``); untrained it
-agrees too rarely to pay. Sampling at batch size above 1, adaptive draft lengths, exit adapters
-and the shipped draft are not built yet; asking for sampled batches is an error.
+agrees too rarely to pay, and no exit adapters are trained.
 """
 from __future__ import annotations
 
@@ -222,16 +223,22 @@ def layer_skip_draft(model: Any, layers: int) -> Any:
     return draft
 
 
+def _top_probability(logits: torch.Tensor) -> float:
+    """The softmax probability of the largest of ``logits: [V]``: 1 / sum(exp(logits - max))."""
+    return float(1.0 / (logits.float() - logits.max().float()).exp().sum())
+
+
 class _DraftModel:
     """A draft LM run greedily on its own cache, which always holds a prefix of the sequence."""
 
     def __init__(self, model: Any) -> None:
         self.model, self.cache, self.length = model, None, 0
 
-    def propose(self, tokens: torch.Tensor, count: int, sampler: Optional[Sampler] = None
-                ) -> Tuple[List[int], Optional[torch.Tensor]]:
-        """``count`` tokens after ``tokens: [1, L]``: greedy, or drawn with ``sampler`` (then also
-        their distributions ``[count, V]``)."""
+    def propose(self, tokens: torch.Tensor, count: int, sampler: Optional[Sampler] = None,
+                confidence: float = 0.0) -> Tuple[List[int], Optional[torch.Tensor]]:
+        """Up to ``count`` tokens after ``tokens: [1, L]``: greedy, or drawn with ``sampler`` (then
+        also their distributions ``[count, V]``); drafting stops after a token the draft gave a
+        probability below ``confidence``."""
         pending = tokens[:, self.length:]  # what the cache has not seen yet (at least the last token)
         proposal: List[int] = []
         probs: List[torch.Tensor] = []
@@ -240,9 +247,13 @@ class _DraftModel:
             self.length += pending.shape[1]
             if sampler is None:
                 proposal.append(int(logits[0, -1].argmax()))
+                sure = not confidence or _top_probability(logits[0, -1]) >= confidence
             else:
                 probs.append(sampler.probs(logits[0, -1:])[0])
                 proposal.append(sampler.draw(probs[-1]))
+                sure = float(probs[-1][proposal[-1]]) >= confidence
+            if not sure:
+                break
             pending = tokens.new_tensor([[proposal[-1]]])
         return proposal, (torch.stack(probs) if probs else None)
 
@@ -258,7 +269,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
                          prompt_lookup: Optional[int] = None, num_draft_tokens: int = 4, max_new_tokens: int = 32,
                          eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                          sampler: Optional[Sampler] = None, attention_mask: Optional[torch.Tensor] = None,
-                         pad_token_id: Optional[int] = None) -> SpeculativeOutput:
+                         pad_token_id: Optional[int] = None, draft_confidence: float = 0.0) -> SpeculativeOutput:
     """Decoding of ``target`` from ``input_ids: [B, L]`` (left-padded, ``attention_mask`` 1 on the
     real tokens, when B > 1) with drafts from ``draft`` (a causal LM
     sharing the target's vocabulary) or from ``prompt_lookup`` (the n-gram length), stopping after
@@ -268,15 +279,19 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
     finished rows padded with ``pad_token_id`` (default: the generation config's, else the
     end-of-sequence token) as ``generate`` pads them.
     With a ``Sampler``: speculative sampling, whose tokens are distributed as the target's own
-    sampling with the same temperature, top-k and top-p (applied identically to the draft)."""
-    _check(target, input_ids, draft, prompt_lookup, num_draft_tokens, max_new_tokens)
+    sampling with the same temperature, top-k and top-p (applied identically to the draft).
+
+    Adaptive draft length: a draft model stops drafting, for a row, after a token it gave a
+    probability below ``draft_confidence`` (0: always ``num_draft_tokens``), so passes where the
+    draft is unsure verify fewer positions and run the draft fewer times. Prompt lookup proposes
+    only what it finds (nothing where no n-gram recurs). ``num_draft_tokens=0`` runs the same loop
+    without drafting, one target pass per token: it measures the loop's own overhead."""
+    _check(target, input_ids, draft, prompt_lookup, num_draft_tokens, max_new_tokens, draft_confidence)
     config = getattr(target, "generation_config", None)
     if eos_token_id is None:
         eos_token_id = getattr(config, "eos_token_id", None)
     stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     if input_ids.shape[0] > 1 or (attention_mask is not None and not bool(attention_mask.all())):
-        if sampler is not None:
-            raise ValueError("speculative_generate: sampling at batch size > 1 is not built yet (greedy only)")
         from .speculative_batch import generate_batch
 
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -286,7 +301,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
             pad_token_id = min(stops) if stops else 0
         return generate_batch(target, input_ids, mask, draft=draft, prompt_lookup=prompt_lookup,
                               num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, stops=stops,
-                              pad_token_id=pad_token_id)
+                              pad_token_id=pad_token_id, sampler=sampler, draft_confidence=draft_confidence)
     proposer = _DraftModel(draft) if draft is not None else None
     logits, cache = _forward(target, input_ids, None, keep=1)
     first = logits[0, -1].argmax() if sampler is None else sampler.draw(sampler.probs(logits[0, -1:])[0])
@@ -298,7 +313,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
         if room <= 0:
             proposal = []
         elif proposer is not None:
-            proposal, draft_probs = proposer.propose(tokens, room, sampler)
+            proposal, draft_probs = proposer.propose(tokens, room, sampler, draft_confidence)
         else:
             proposal = prompt_lookup_proposal(tokens[0].tolist(), prompt_lookup, room)
         checked = torch.cat([tokens[:, -1:], tokens.new_tensor([proposal])], dim=1)
@@ -320,8 +335,8 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
 
 
 def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draft_tokens: Any,
-           max_new_tokens: Any) -> None:
-    from ..patches.settings import check_int
+           max_new_tokens: Any, draft_confidence: Any) -> None:
+    from ..patches.settings import check_int, check_real
 
     if not callable(target) or not hasattr(target, "config"):
         raise TypeError(f"speculative_generate: target must be a transformers causal LM; got {type(target).__name__}")
@@ -339,5 +354,6 @@ def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draf
                              f"({sizes[1]}); they must share a tokenizer")
     else:
         check_int("speculative_generate", "prompt_lookup", prompt_lookup, low=1)
-    check_int("speculative_generate", "num_draft_tokens", num_draft_tokens, low=1)
+    check_int("speculative_generate", "num_draft_tokens", num_draft_tokens, low=0)
     check_int("speculative_generate", "max_new_tokens", max_new_tokens, low=1)
+    check_real("speculative_generate", "draft_confidence", draft_confidence, lambda v: 0 <= v < 1, "a float in [0, 1)")

@@ -1,4 +1,4 @@
-"""Greedy speculative decoding for a batch whose rows accept different numbers of tokens.
+"""Speculative decoding, greedy or sampled, for a batch whose rows accept different numbers of tokens.
 
 transformers' caches crop every row by the same amount (``DynamicCache.crop``), which is why its
 assisted generation refuses batches. Here each model's cache only grows: every round appends the
@@ -14,11 +14,12 @@ row is done. The output is padded with ``pad_token_id`` after them, as ``generat
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Set
+from typing import Any, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .speculative import SpeculativeOutput, _forward, greedy_accept, prompt_lookup_proposal, request_stats
+from .speculative import (Sampler, SpeculativeOutput, _forward, _until_stop, greedy_accept, prompt_lookup_proposal,
+                          request_stats, verify_sampled)
 
 __all__ = ["generate_batch"]
 
@@ -50,13 +51,18 @@ class _MaskedCache:
 @torch.no_grad()
 def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, draft: Optional[Any],
                    prompt_lookup: Optional[int], num_draft_tokens: int, max_new_tokens: int, stops: Set[int],
-                   pad_token_id: int) -> SpeculativeOutput:
-    """Greedy speculative decoding of ``input_ids: [B, L]`` (left-padded; ``attention_mask`` 1 on
-    the real tokens): the tokens of ``target.generate(input_ids, attention_mask=..., do_sample=False)``."""
+                   pad_token_id: int, sampler: Optional[Sampler] = None,
+                   draft_confidence: float = 0.0) -> SpeculativeOutput:
+    """Speculative decoding of ``input_ids: [B, L]`` (left-padded; ``attention_mask`` 1 on the real
+    tokens). Greedy (``sampler=None``): the tokens of ``target.generate(input_ids, attention_mask=...,
+    do_sample=False)``. With a ``Sampler``: speculative sampling row by row, each row's tokens
+    distributed as the target samples them. A draft model stops drafting for a row after a token
+    it gave a probability below ``draft_confidence``."""
     batch = input_ids.shape[0]
     real = attention_mask.bool()
     verifier = _MaskedCache(target)
-    last = verifier.step(input_ids, real, keep=1)[:, -1].argmax(-1)  # each row's newest token, not yet in the target's cache
+    first = verifier.step(input_ids, real, keep=1)[:, -1]  # each row's newest token, not yet in the target's cache
+    last = first.argmax(-1).tolist() if sampler is None else [sampler.draw(p) for p in sampler.probs(first)]
     made: List[List[int]] = [[int(t)] for t in last]
     history = [input_ids[b][real[b]].tolist() + made[b] for b in range(batch)]
     done = [made[b][-1] in stops or max_new_tokens == 1 for b in range(batch)]
@@ -70,7 +76,8 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
     filler = int(last[0])
     while not all(done):
         room = [0 if done[b] else min(num_draft_tokens, max_new_tokens - len(made[b]) - 1) for b in range(batch)]
-        proposals = _propose(drafter, unseen, history, done, room, prompt_lookup, filler, input_ids.device)
+        proposals, draft_probs = _propose(drafter, unseen, history, done, room, prompt_lookup, filler,
+                                          input_ids.device, sampler, draft_confidence)
         width = max(len(p) for p in proposals)
         tokens = torch.full((batch, 1 + width), filler, dtype=torch.long, device=input_ids.device)
         counted = torch.zeros(batch, 1 + width, dtype=torch.bool, device=input_ids.device)
@@ -80,14 +87,20 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
                 tokens[b, 1:1 + len(proposals[b])] = torch.tensor(proposals[b], dtype=torch.long)
                 counted[b, 1:1 + len(proposals[b])] = True
         start = verifier.valid.shape[1]
-        choices = verifier.step(tokens, counted).argmax(-1).tolist()
+        logits = verifier.step(tokens, counted)
+        choices = logits.argmax(-1).tolist() if sampler is None else None
         calls += 1
         for b in range(batch):
             if done[b]:
                 continue
             checks += 1
             proposal = proposals[b]
-            kept, produced = greedy_accept(proposal, choices[b], stops)
+            if sampler is None:
+                kept, produced = greedy_accept(proposal, choices[b], stops)
+            else:
+                target_probs = sampler.probs(logits[b, :1 + len(proposal)])
+                kept, following = verify_sampled(proposal, draft_probs[b], target_probs, sampler)
+                produced = _until_stop(proposal[:kept] + [following], stops)
             drafted, accepted = drafted + len(proposal), accepted + min(kept, len(produced))
             accepted_rows[b] += min(kept, len(produced))
             verifier.forget(b, start + 1 + kept, start + 1 + width)  # rejected drafts and fillers
@@ -106,16 +119,22 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def _propose(drafter: Optional[_MaskedCache], unseen: List[List[int]], history: List[List[int]], done: List[bool],
-             room: Sequence[int], prompt_lookup: Optional[int], filler: int, device: torch.device) -> List[List[int]]:
-    """Each row's proposal (up to ``room[b]`` tokens; none for finished rows)."""
+             room: Sequence[int], prompt_lookup: Optional[int], filler: int, device: torch.device,
+             sampler: Optional[Sampler], confidence: float) -> Tuple[List[List[int]], List[Optional[torch.Tensor]]]:
+    """Each row's proposal (up to ``room[b]`` tokens; none for finished rows) and, when sampling
+    with a draft model, the draft's distributions ``[len(proposal), V]`` it drew them from (None
+    where the proposal is certain: prompt lookup). A row stops drafting after a token drawn with
+    probability below ``confidence``."""
     batch = len(history)
+    probs: List[List[torch.Tensor]] = [[] for _ in range(batch)]
     if drafter is None:
-        return [[] if done[b] or room[b] <= 0 else prompt_lookup_proposal(history[b], prompt_lookup, room[b])
-                for b in range(batch)]
+        return ([[] if done[b] or room[b] <= 0 else prompt_lookup_proposal(history[b], prompt_lookup, room[b])
+                 for b in range(batch)], [None] * batch)
+    room = list(room)
     count = max(room)
     proposals: List[List[int]] = [[] for _ in range(batch)]
     if count <= 0:
-        return proposals
+        return proposals, [None] * batch
     # first step: every row's unseen tokens (one or two), right-aligned, fillers masked
     width = max(1, max(len(u) for u in unseen))
     tokens = torch.full((batch, width), filler, dtype=torch.long, device=device)
@@ -125,20 +144,31 @@ def _propose(drafter: Optional[_MaskedCache], unseen: List[List[int]], history: 
             tokens[b, width - len(pending):] = torch.tensor(pending, dtype=torch.long)
             counted[b, width - len(pending):] = True
     for step in range(count):
-        guess = drafter.step(tokens, counted)[:, -1].argmax(-1).tolist()
+        logits = drafter.step(tokens, counted, keep=1)[:, -1]
+        if sampler is None:
+            guess = logits.argmax(-1).tolist()
+            sure = (logits.softmax(-1).amax(-1) >= confidence).tolist() if confidence else [True] * batch
+        else:
+            row_probs = sampler.probs(logits)
+            guess = [sampler.draw(p) for p in row_probs]
+            sure = [float(row_probs[b, guess[b]]) >= confidence for b in range(batch)]
         if step == 0:
             drafter.mark = drafter.valid.shape[1]  # where the proposals fed back as inputs begin
         for b in range(batch):
             if not done[b] and step < room[b]:
                 proposals[b].append(guess[b])
-        if step == count - 1:
+                if sampler is not None:
+                    probs[b].append(row_probs[b])
+                if not sure[b]:
+                    room[b] = step + 1  # this row's proposal ends here
+        if step == count - 1 or all(done[b] or room[b] <= step + 1 for b in range(batch)):
             break
         tokens = torch.tensor([[g] for g in guess], dtype=torch.long, device=device)
         # a proposal goes in as the next input only where the row wants one more after it
         counted = torch.tensor([[not done[b] and step < room[b] - 1] for b in range(batch)], device=device)
     for b in range(batch):
         unseen[b] = []
-    return proposals
+    return proposals, [torch.stack(p) if p else None for p in probs]
 
 
 def _settle_draft(drafter: _MaskedCache, row: int, proposal: List[int], kept: int, produced: List[int],

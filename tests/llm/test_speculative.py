@@ -110,14 +110,68 @@ def test_bad_input_is_refused_by_name():
     other.config.vocab_size = VOCAB + 1
     with pytest.raises(ValueError, match="vocabulary"):
         speculative_generate(target, ids, draft=other)
-    with pytest.raises(ValueError, match="num_draft_tokens must be an int >= 1"):
-        speculative_generate(target, ids, draft=target, num_draft_tokens=0)
+    with pytest.raises(ValueError, match="num_draft_tokens must be an int >= 0"):
+        speculative_generate(target, ids, draft=target, num_draft_tokens=-1)
+    with pytest.raises(ValueError, match=r"draft_confidence must be a float in \[0, 1\)"):
+        speculative_generate(target, ids, draft=target, draft_confidence=1.0)
     with pytest.raises(ValueError, match="exactly one proposer"):
         speculative_generate(target, ids)
     with pytest.raises(TypeError, match="draft must be a transformers causal LM"):
         speculative_generate(target, ids, draft=lambda x: x)
-    with pytest.raises(ValueError, match="sampling at batch size > 1 is not built yet"):
-        speculative_generate(target, ids.repeat(2, 1), draft=target, sampler=Sampler())
+
+
+def test_no_drafting_runs_the_loop_one_target_pass_per_token():
+    target, ids = causal_lm(), prompt(seed=13)
+    out = speculative_generate(target, ids, prompt_lookup=3, num_draft_tokens=0, max_new_tokens=10)
+    assert torch.equal(out.sequences, greedy(target, ids, 10))
+    assert out.stats["target_calls"] == 10 and out.stats["drafted"] == 0
+
+
+def reference_adaptive(target, draft, ids, k, confidence, new):
+    """Greedy speculative decoding with an adaptive draft, slowly: no caches, every forward over
+    the whole sequence; the draft stops after a token whose probability is below ``confidence``.
+    Returns (tokens, drafted, accepted)."""
+    tokens, drafted, accepted = ids[0].tolist(), 0, 0
+    with torch.no_grad():
+        tokens.append(int(target(torch.tensor([tokens])).logits[0, -1].argmax()))
+        while len(tokens) - ids.shape[1] < new:
+            proposal = []
+            for _ in range(min(k, new - (len(tokens) - ids.shape[1]) - 1)):
+                probs = draft(torch.tensor([tokens + proposal])).logits[0, -1].softmax(-1)
+                proposal.append(int(probs.argmax()))
+                if float(probs.max()) < confidence:
+                    break
+            choices = target(torch.tensor([tokens + proposal])).logits[0, len(tokens) - 1:].argmax(-1).tolist()
+            kept = 0
+            while kept < len(proposal) and proposal[kept] == choices[kept]:
+                kept += 1
+            tokens += proposal[:kept] + [choices[kept]]
+            drafted, accepted = drafted + len(proposal), accepted + kept
+    return tokens, drafted, accepted
+
+
+@pytest.mark.parametrize("confidence", [0.0, 0.05, 0.2])
+def test_an_adaptive_draft_stops_where_it_is_unsure_as_the_slow_reference_does(confidence):
+    """The draft stops drafting after a token it gave a probability below ``draft_confidence``: the
+    same tokens, drafted and accepted counts as a slow reference, at batch size 1 and, row by row,
+    in a left-padded batch (each row's counts are its own, whatever the other rows do)."""
+    target = causal_lm(seed=0)
+    draft = noisy_copy(target, 0.02)
+    ids, mask = left_padded([11, 7, 9], seed=6)
+    rows = [ids[b:b + 1, ids.shape[1] - int(mask[b].sum()):] for b in range(3)]
+    expected = [reference_adaptive(target, draft, row, 4, confidence, 14) for row in rows]
+    for row, (tokens, drafted, accepted) in zip(rows, expected):
+        out = speculative_generate(target, row, draft=draft, num_draft_tokens=4, max_new_tokens=14,
+                                   draft_confidence=confidence)
+        assert out.sequences[0].tolist() == tokens
+        assert (out.stats["drafted"], out.stats["accepted"]) == (drafted, accepted)
+    out = speculative_generate(target, ids, attention_mask=mask, draft=draft, num_draft_tokens=4, max_new_tokens=14,
+                               draft_confidence=confidence, pad_token_id=0)
+    assert torch.equal(out.sequences, greedy_batch(target, ids, mask, 14))
+    assert out.stats["drafted"] == sum(e[1] for e in expected)
+    assert out.stats["accepted_per_row"] == [e[2] for e in expected]
+    if confidence == 0.2:
+        assert sum(e[1] for e in expected) < 3 * 4 * 4  # it did stop early somewhere
 
 
 # -- accel.patch(model, speculative=...): the model's own generate -------------------------------------
@@ -164,8 +218,6 @@ def test_options_it_does_not_serve_are_refused_by_name(option, value, message):
     with accel.patched(target, speculative="prompt_lookup"):
         with pytest.raises(ValueError, match=message):
             target.generate(ids, max_new_tokens=4, **{option: value})
-        with pytest.raises(ValueError, match="do_sample=True at batch size 2"):
-            target.generate(ids.repeat(2, 1), max_new_tokens=4, do_sample=True)
 
 
 def test_a_bad_draft_is_refused_and_the_model_left_as_it_was():
@@ -264,6 +316,61 @@ def test_speculative_sampling_draws_two_tokens_as_the_target_does():
         counts[6 * a + b] += 1
     statistic, dof = chi_square(counts, exact)
     assert statistic < CHI2_999[dof], (statistic, dof)
+
+
+def test_speculative_sampling_in_a_padded_batch_draws_each_row_as_the_target_does():
+    """Two rows of different lengths (left-padded), sampled 1,500 times with a random draft: the
+    first two new tokens of each row against their exact joint probability under the target."""
+    import transformers
+
+    def tiny(seed):
+        config = transformers.LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, eos_token_id=None,
+                                          pad_token_id=0)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(config).eval().double()
+
+    target, draft = tiny(0), tiny(1)
+    rows = [[1, 4, 2], [3, 5]]
+    ids, mask = torch.tensor([[1, 4, 2], [0, 3, 5]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    sampler = Sampler(temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3))
+    exact = []
+    with torch.no_grad():
+        for row in rows:
+            context = torch.tensor([row])
+            first = sampler.probs(target(context).logits[0, -1:])[0]
+            exact.append(torch.stack([first[a] * sampler.probs(target(torch.cat([context, torch.tensor([[a]])], 1))
+                                                               .logits[0, -1:])[0] for a in range(6)]).flatten())
+    counts = torch.zeros(2, 36)
+    for _ in range(1500):
+        out = speculative_generate(target, ids, attention_mask=mask, draft=draft, num_draft_tokens=2,
+                                   max_new_tokens=2, sampler=sampler, pad_token_id=0)
+        for b in range(2):
+            a, c = out.sequences[b, 3:].tolist()
+            counts[b, 6 * a + c] += 1
+    for b in range(2):
+        statistic, dof = chi_square(counts[b], exact[b])
+        assert statistic < CHI2_999[dof], (b, statistic, dof)
+
+
+def test_patched_generate_samples_a_batch():
+    """do_sample=True on a left-padded batch: reproducible with torch's global seed, every token
+    among the target's top-k at its position in its row."""
+    import accel
+
+    target = causal_lm(seed=0)
+    ids, mask = left_padded([9, 6], seed=8)
+    with accel.patched(target, speculative=noisy_copy(target, 0.01)):
+        torch.manual_seed(7)
+        first = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=3, pad_token_id=0)
+        torch.manual_seed(7)
+        again = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=3, pad_token_id=0)
+    assert torch.equal(first, again) and first.shape == (2, ids.shape[1] + 10)
+    for b in range(2):
+        row = first[b:b + 1, ids.shape[1] - int(mask[b].sum()):]
+        with torch.no_grad():
+            top3 = target(row[:, :-1]).logits[0, int(mask[b].sum()) - 1:].topk(3, dim=-1).indices
+        assert all(int(t) in top3[i].tolist() for i, t in enumerate(row[0, int(mask[b].sum()):]))
 
 
 def test_bad_sampling_settings_are_refused_by_name():

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..settings import Settings, check_int
+from ..settings import Settings, check_int, check_real
 
 __all__ = ["Speculative"]
 
@@ -24,16 +24,19 @@ class Speculative(Settings):
     draft: a transformers causal LM sharing the model's tokenizer (vocabulary checked), or None.
     prompt_lookup: instead of a draft, the n-gram length of prompt lookup (the tokens that followed
         the latest earlier occurrence of the last n tokens), or None.
-    num_draft_tokens: tokens proposed per verification pass, >= 1.
+    num_draft_tokens: tokens proposed per verification pass at most, >= 1.
+    draft_confidence: adaptive draft length: a draft model stops drafting (for a row) after a token
+        it gave a probability below this, in [0, 1); 0 always drafts ``num_draft_tokens``.
 
     Shorthands: ``speculative=draft_model``; ``speculative="prompt_lookup"`` (3-grams).
-    Built so far: batch size 1, greedy (the model's own tokens) or sampled with ``do_sample=True``
-    (the model's own distribution), issue 15's first part.
+    Greedy (the model's own tokens) or sampled with ``do_sample=True`` (the model's own
+    distribution), at batch size 1 or on left-padded batches, each row keeping its own count.
     """
 
     draft: Optional[Any] = None
     prompt_lookup: Optional[int] = None
     num_draft_tokens: int = 4
+    draft_confidence: float = 0.0
 
     METHOD = "speculative"
     EXPECTED = "a draft causal LM, \"prompt_lookup\", or a dict of settings"
@@ -49,6 +52,9 @@ class Speculative(Settings):
             object.__setattr__(self, "prompt_lookup", check_int("Speculative", "prompt_lookup", self.prompt_lookup, 1))
         object.__setattr__(self, "num_draft_tokens", check_int("Speculative", "num_draft_tokens",
                                                                self.num_draft_tokens, 1))
+        object.__setattr__(self, "draft_confidence", check_real("Speculative", "draft_confidence",
+                                                                self.draft_confidence, lambda v: 0 <= v < 1,
+                                                                "a float in [0, 1)"))
 
     @classmethod
     def from_shorthand(cls, value: Any) -> Optional[Dict[str, Any]]:

@@ -3,9 +3,9 @@
 ``model.generate(input_ids, max_new_tokens=...)`` runs ``accel.llm.speculative`` while the patch
 is on: greedy, or sampled with ``do_sample=True`` and generate's temperature, top-k and top-p.
 Options it does not serve are refused by name, never ignored: beam search, a streamer, stop
-strings, logits processors, repetition penalties, min-p and the other samplers, and sampling at
-batch sizes above 1 for now. Greedy batches (left-padded, with their attention mask) are served,
-each row accepting its own number of drafted tokens (``accel.llm.speculative_batch``).
+strings, logits processors, repetition penalties, min-p and the other samplers. Batches
+(left-padded, with their attention mask) are served, greedy or sampled, each row accepting its own
+number of drafted tokens (``accel.llm.speculative_batch``).
 The model's own ``generate`` comes back with ``accel.unpatch``.
 """
 from __future__ import annotations
@@ -58,13 +58,10 @@ class SpeculativeCausalLM(MethodPatch):
         config = kwargs.get("generation_config") or model.generation_config  # as generate reads it
         input_ids, max_new_tokens, eos = self._request(config, args, kwargs)
         sampler = self._sampler(config, kwargs)
-        mask = kwargs.get("attention_mask")
-        if sampler is not None and (input_ids.shape[0] > 1 or (mask is not None and not bool(mask.all()))):
-            raise ValueError(f"speculative: do_sample=True at batch size {input_ids.shape[0]} (or with padding) is not "
-                             f"served yet (sampling at batch size 1 only); unpatch to sample a batch")
         out = speculative_generate(model, input_ids, draft=self.config.draft, prompt_lookup=self.config.prompt_lookup,
                                    num_draft_tokens=self.config.num_draft_tokens, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos, sampler=sampler, attention_mask=mask,
+                                   eos_token_id=eos, sampler=sampler, attention_mask=kwargs.get("attention_mask"),
+                                   draft_confidence=self.config.draft_confidence,
                                    pad_token_id=kwargs.get("pad_token_id", getattr(config, "pad_token_id", None)))
         self.state = out.stats
         return out.sequences
