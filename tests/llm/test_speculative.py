@@ -194,6 +194,21 @@ def test_patched_generate_is_speculative_greedy_and_unpatch_restores_it():
     assert torch.equal(greedy(target, ids, 18), expected)
 
 
+def test_patched_generate_passes_the_draft_confidence():
+    import accel
+
+    target, ids = causal_lm(seed=0), prompt(seed=8)
+    draft = noisy_copy(target, 0.02)
+    expected = reference_adaptive(target, draft, ids, 4, 0.2, 16)
+    with accel.patched(target, speculative={"draft": draft, "draft_confidence": 0.2}):
+        out = target.generate(ids, max_new_tokens=16, do_sample=False)
+        stats = accel.describe(target)["methods"]["speculative"]["last_call"]
+    assert out[0].tolist() == expected[0] and (stats["drafted"], stats["accepted"]) == expected[1:]
+    with pytest.raises(ValueError, match=r"draft_confidence must be a float in \[0, 1\)"):
+        accel.patch(target, speculative={"draft": draft, "draft_confidence": -0.1})
+    assert not accel.describe(target)["methods"]
+
+
 def test_prompt_lookup_shorthand():
     import accel
 
