@@ -4,8 +4,11 @@
     out = speculative_generate(model, input_ids, prompt_lookup=3, max_new_tokens=64)   # greedy, exact
     accel.patch(model, speculative=draft_model)          # model.generate drafts and verifies
 
-Built: speculative decoding, greedy at any batch size (each row accepting its own count) and
-sampled at batch size 1 (``speculative``). Still to come: sampled batches, adaptive draft lengths,
-the shipped draft and trained exit adapters for self-speculation (issue 15), the paged KV cache and
+Built: speculative decoding (``speculative``), greedy at any batch size (each row accepting its own
+count, the model's own tokens) and sampled at any batch size (the model's own distribution), with
+adaptive draft lengths, prompt lookup, self-speculation from the model's first layers, and a
+shipped draft for the built-in model (``accel.pipelines.load("smollm2-draft")``); the paged KV
+cache's allocator (``paged_kv``: block pool, prefix hashing, copy-on-write). Still to come: trained
+exit adapters for self-speculation (issue 15), the paged cache inside transformers models and
 continuous batching (16), Mixture of Experts (17) and Mixture of Depths (18).
 """
