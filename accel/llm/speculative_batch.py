@@ -18,8 +18,8 @@ from typing import Any, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .speculative import (Sampler, SpeculativeOutput, _forward, _until_stop, greedy_accept, prompt_lookup_proposal,
-                          request_stats, verify_sampled)
+from .speculative import (HYBRID_SHORTEST, Sampler, SpeculativeOutput, _forward, _until_stop, greedy_accept,
+                          prompt_lookup_proposal, request_stats, verify_sampled)
 
 __all__ = ["generate_batch"]
 
@@ -76,8 +76,8 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
     filler = int(last[0])
     while not all(done):
         room = [0 if done[b] else min(num_draft_tokens, max_new_tokens - len(made[b]) - 1) for b in range(batch)]
-        proposals, draft_probs = _propose(drafter, unseen, history, done, room, prompt_lookup, filler,
-                                          input_ids.device, sampler, draft_confidence)
+        proposals, draft_probs, looked_up = _propose(drafter, unseen, history, done, room, prompt_lookup, filler,
+                                                     input_ids.device, sampler, draft_confidence)
         width = max(len(p) for p in proposals)
         tokens = torch.full((batch, 1 + width), filler, dtype=torch.long, device=input_ids.device)
         counted = torch.zeros(batch, 1 + width, dtype=torch.bool, device=input_ids.device)
@@ -104,7 +104,9 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
             drafted, accepted = drafted + len(proposal), accepted + min(kept, len(produced))
             accepted_rows[b] += min(kept, len(produced))
             verifier.forget(b, start + 1 + kept, start + 1 + width)  # rejected drafts and fillers
-            if drafter is not None:
+            if drafter is not None and looked_up[b]:
+                unseen[b] += produced  # the draft read none of this round's tokens
+            elif drafter is not None:
                 _settle_draft(drafter, b, proposal, kept, produced, unseen)
             made[b] += produced
             history[b] += produced
@@ -120,22 +122,27 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
 
 def _propose(drafter: Optional[_MaskedCache], unseen: List[List[int]], history: List[List[int]], done: List[bool],
              room: Sequence[int], prompt_lookup: Optional[int], filler: int, device: torch.device,
-             sampler: Optional[Sampler], confidence: float) -> Tuple[List[List[int]], List[Optional[torch.Tensor]]]:
-    """Each row's proposal (up to ``room[b]`` tokens; none for finished rows) and, when sampling
-    with a draft model, the draft's distributions ``[len(proposal), V]`` it drew them from (None
-    where the proposal is certain: prompt lookup). A row stops drafting after a token drawn with
-    probability below ``confidence``."""
+             sampler: Optional[Sampler], confidence: float
+             ) -> Tuple[List[List[int]], List[Optional[torch.Tensor]], List[bool]]:
+    """Each row's proposal (up to ``room[b]`` tokens; none for finished rows); when sampling with
+    a draft model, the draft's distributions ``[len(proposal), V]`` it drew them from (None where
+    the proposal is certain: prompt lookup); and which rows' proposals came from prompt lookup.
+    With both proposers, prompt lookup serves the rows where an n-gram of at least
+    ``HYBRID_SHORTEST`` tokens recurs and the draft the others. A row stops drafting after a token
+    drawn with probability below ``confidence``."""
     batch = len(history)
     probs: List[List[torch.Tensor]] = [[] for _ in range(batch)]
+    shortest = 1 if drafter is None else HYBRID_SHORTEST
+    proposals = [[] if done[b] or room[b] <= 0 or prompt_lookup is None else
+                 prompt_lookup_proposal(history[b], prompt_lookup, room[b], shortest) for b in range(batch)]
+    looked_up = [bool(p) for p in proposals]
     if drafter is None:
-        return ([[] if done[b] or room[b] <= 0 else prompt_lookup_proposal(history[b], prompt_lookup, room[b])
-                 for b in range(batch)], [None] * batch)
-    room = list(room)
+        return proposals, [None] * batch, looked_up
+    room = [0 if looked_up[b] else room[b] for b in range(batch)]
     count = max(room)
-    proposals: List[List[int]] = [[] for _ in range(batch)]
     if count <= 0:
-        return proposals, [None] * batch
-    # first step: every row's unseen tokens (one or two), right-aligned, fillers masked
+        return proposals, [None] * batch, looked_up
+    # first step: every row's unseen tokens (more after prompt-lookup rounds), right-aligned, fillers masked
     width = max(1, max(len(u) for u in unseen))
     tokens = torch.full((batch, width), filler, dtype=torch.long, device=device)
     counted = torch.zeros(batch, width, dtype=torch.bool, device=device)
@@ -168,7 +175,7 @@ def _propose(drafter: Optional[_MaskedCache], unseen: List[List[int]], history: 
         counted = torch.tensor([[not done[b] and step < room[b] - 1] for b in range(batch)], device=device)
     for b in range(batch):
         unseen[b] = []
-    return proposals, [torch.stack(p) if p else None for p in probs]
+    return proposals, [torch.stack(p) if p else None for p in probs], looked_up
 
 
 def _settle_draft(drafter: _MaskedCache, row: int, proposal: List[int], kept: int, produced: List[int],

@@ -22,8 +22,9 @@ class Speculative(Settings):
     model's own distribution.
 
     draft: a transformers causal LM sharing the model's tokenizer (vocabulary checked), or None.
-    prompt_lookup: instead of a draft, the n-gram length of prompt lookup (the tokens that followed
-        the latest earlier occurrence of the last n tokens), or None.
+    prompt_lookup: the longest n-gram of prompt lookup (the tokens that followed the latest earlier
+        occurrence of the last n tokens), or None. With a draft too, prompt lookup proposes where an
+        n-gram of two tokens or more recurs and the draft elsewhere.
     num_draft_tokens: tokens proposed per verification pass at most, >= 1.
     draft_confidence: adaptive draft length: a draft model stops drafting (for a row) after a token
         it gave a probability below this, in [0, 1); 0 always drafts ``num_draft_tokens``.
@@ -42,8 +43,8 @@ class Speculative(Settings):
     EXPECTED = "a draft causal LM, \"prompt_lookup\", or a dict of settings"
 
     def __post_init__(self) -> None:
-        if (self.draft is None) == (self.prompt_lookup is None):
-            raise ValueError("Speculative: give exactly one proposer, draft= (a causal LM) or prompt_lookup= "
+        if self.draft is None and self.prompt_lookup is None:
+            raise ValueError("Speculative: give a proposer, draft= (a causal LM) and/or prompt_lookup= "
                              "(an n-gram length)")
         if self.draft is not None and not is_causal_lm(self.draft):
             raise TypeError(f"Speculative: draft must be a transformers causal LM (with generate and a config); "

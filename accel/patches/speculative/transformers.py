@@ -49,7 +49,9 @@ class SpeculativeCausalLM(MethodPatch):
 
     def _install(self) -> None:
         self.hooks.add(self.target, self._generate, "generate")
-        proposer = "a draft model" if self.config.draft is not None else f"prompt lookup ({self.config.prompt_lookup}-grams)"
+        proposer = " and ".join(([] if self.config.draft is None else ["a draft model"]) +
+                                ([] if self.config.prompt_lookup is None else
+                                 [f"prompt lookup ({self.config.prompt_lookup}-grams)"]))
         self.patched_modules["generate"] = f"speculative decoding: {proposer}, {self.config.num_draft_tokens} per pass"
 
     def _generate(self, model: Any, call_next: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
