@@ -230,6 +230,14 @@ class KVCacheManager:
         _, _, needed = self._plan(tokens)
         return needed <= self.pool.num_free
 
+    def cached_prefix_length(self, token_ids: TokenIds) -> int:
+        """How many leading tokens of a prompt ``allocate`` would find cached now (whole blocks,
+        never the last token), changing nothing and counting no query. A scheduler admitting a long
+        prompt a chunk at a time allocates ``token_ids[:cached + chunk]``, so that no block is
+        registered before its K/V is computed, and grows it with ``append_slots``."""
+        tokens = self._tokens(token_ids, "token_ids", empty=False)
+        return len(self._plan(tokens)[1]) * self.pool.block_size
+
     def allocate(self, seq_id: Hashable, token_ids: TokenIds) -> int:
         """Blocks for a new sequence's prompt, reusing cached blocks of its longest cached prefix.
         Returns how many leading tokens already have K/V in the pool; the model computes the rest
