@@ -5,14 +5,15 @@
     x, size = accel.kernels.weighted_merge(x, size, protected, unm_idx, src_idx, dst_idx)
     out = accel.kernels.biased_attention(q, k, v, bias)          # softmax(q k^T / sqrt(D) + bias[b, key]) v
     packed, index = accel.kernels.compact_tokens(x, mask, count)  # a ragged batch's active tokens
+    out = accel.kernels.packed_paged_attention(q, k_cache, v_cache, tables, seq_lens, query_start)  # paged KV
     accel.kernels.best_match(a, b, backend="torch")               # or ACCEL_KERNELS=torch|triton
     accel.kernels.last_backend("best_match")                      # "torch" or "triton": what ran
 
 One op per module (``matching``, ``merging``, ``token_merge``, ``unmerging``, ``attention``,
-``compaction``), each with its reference, its kernel (``<module>_triton``) and the public function
-that validates its arguments and asks ``dispatch.select`` which one runs. Patches call these
-functions, never a kernel directly; this package imports no patch, and no Triton until a kernel
-first runs. See docs/kernels.md for what each kernel fuses, its exactness and its GPU figures.
+``compaction``, ``paged_attention``), each with its reference, its kernel (``<module>_triton``) and
+the public function that validates its arguments and asks ``dispatch.select`` which one runs.
+Patches call these functions, never a kernel directly; this package imports no patch, and no Triton
+until a kernel first runs. See docs/kernels.md for what each kernel fuses, its exactness and its GPU figures.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from .compaction import compact_tokens, gather_tokens, scatter_tokens
 from .dispatch import BACKENDS, last_backend
 from .matching import best_match, unit_rows
 from .merging import amax_merge, mean_merge, mean_merge2d, weighted_merge
+from .paged_attention import packed_paged_attention
 from .token_merge import bipartite_merge, select_merges
 from .unmerging import unmerge, unmerge2d
 
 __all__ = ["best_match", "bipartite_merge", "select_merges", "weighted_merge", "mean_merge", "amax_merge",
            "mean_merge2d", "unmerge", "unmerge2d", "biased_attention", "gather_tokens", "scatter_tokens",
-           "compact_tokens", "last_backend", "unit_rows", "BACKENDS"]
+           "compact_tokens", "packed_paged_attention", "last_backend", "unit_rows", "BACKENDS"]

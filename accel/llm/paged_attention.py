@@ -20,8 +20,10 @@ steps it is exactly the model the user had. transformers builds no mask for a na
 function for, and each layer's attention receives ``module`` (hence ``module.layer_idx``) and the
 layer's ``sliding_window``.
 
-Plain torch, the reference a Triton kernel will be tested against: one-token sequences are gathered
-into one ``[B, H, 1, L]`` batch masked past each row's length; each longer chunk attends on its own.
+The attention itself is ``accel.kernels.packed_paged_attention``: a Triton kernel reading K/V
+through the block tables for CUDA tensors, and on the CPU its plain-torch reference (one-token
+sequences gathered into one ``[B, H, 1, L]`` batch masked past each row's length, each longer chunk
+attending on its own), which is what ran here before the kernel existed.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ import weakref
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from .. import kernels
 from .paged_kv import BlockPool
 
 __all__ = ["PagedBatch", "paged_attention", "PagedAttentionBinding", "kv_layout"]
@@ -44,17 +46,16 @@ class PagedBatch:
     """One forward's packed tokens, as the attention reads them (every tensor on the pool's device).
 
     ``slot_mapping``: ``[T]`` where each token's K/V is written; ``positions``: ``[T]`` each token's
-    position in its sequence. One-token sequences (decode): ``decode_tokens`` ``[B]`` their index in
-    the flat batch, ``decode_slots`` ``[B, L]`` the slots of their context (0 past a row's length),
-    ``decode_lens`` ``[B]``. Longer chunks (prefill): ``prefills``, one ``(first token, end token,
-    context slots [L])`` each, the chunk's queries being the last ``end - first`` of the ``L``."""
+    position in its sequence; ``block_tables``: ``[S, max_blocks]`` the sequences' pages;
+    ``seq_lens``: ``[S]`` each sequence's length after this step; ``query_start``: ``[S + 1]``,
+    sequence ``s``'s new tokens being ``query_start[s]:query_start[s + 1]`` of the flat batch (the
+    last of its ``seq_lens[s]``)."""
 
     slot_mapping: torch.Tensor
     positions: torch.Tensor
-    decode_tokens: torch.Tensor
-    decode_slots: torch.Tensor
-    decode_lens: torch.Tensor
-    prefills: List[Tuple[int, int, torch.Tensor]]
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -73,71 +74,27 @@ class PagedBatch:
         if sum(query_lens) != slot_mapping.shape[0] or any(not 1 <= q <= n for q, n in zip(query_lens, seq_lens)):
             raise ValueError(f"PagedBatch: need 1 <= query_len <= seq_len per sequence and sum(query_lens) == "
                              f"{slot_mapping.shape[0]} (the slots); got {list(query_lens)} and {list(seq_lens)}")
+        if any(n > block_tables.shape[1] * block_size for n in seq_lens):
+            raise ValueError(f"PagedBatch: a sequence holds more tokens than its block table's "
+                             f"{block_tables.shape[1]} blocks of {block_size}; got seq_lens {list(seq_lens)}")
         starts = [0]
         for q in query_lens:
             starts.append(starts[-1] + q)
         positions = torch.cat([torch.arange(n - q, n, device=device) for q, n in zip(query_lens, seq_lens)]) \
             if seq_lens else torch.zeros(0, dtype=torch.long, device=device)
-        decode = [s for s, q in enumerate(query_lens) if q == 1]
-        width = max((seq_lens[s] for s in decode), default=0)
-        lens = torch.tensor([seq_lens[s] for s in decode], dtype=torch.long, device=device)
-        keys = torch.arange(width, device=device)
-        valid = keys[None, :] < lens[:, None]
-        blocks = block_tables[decode].gather(1, (keys // block_size).expand(len(decode), -1))   # [B, L]
-        decode_slots = torch.where(valid, blocks * block_size + keys % block_size, 0)
-        prefills = []
-        for s, q in enumerate(query_lens):
-            if q > 1:
-                keys_s = torch.arange(seq_lens[s], device=device)
-                prefills.append((starts[s], starts[s + 1],
-                                 block_tables[s, keys_s // block_size] * block_size + keys_s % block_size))
-        return cls(slot_mapping, positions, torch.tensor([starts[s] for s in decode], dtype=torch.long, device=device),
-                   decode_slots, lens, prefills)
-
-
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
-            scale: float, causal: bool = False) -> torch.Tensor:
-    """SDPA with grouped-query heads: ``query`` ``[B, H, q, D]``, ``keys``/``values``
-    ``[B, L, H_kv, D]`` -> ``[B, H, q, D]``."""
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-    groups = query.shape[1] // keys.shape[1]
-    if groups > 1:
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, scale=scale)
+        return cls(slot_mapping, positions, block_tables,
+                   torch.tensor(list(seq_lens), dtype=torch.long, device=device),
+                   torch.tensor(starts, dtype=torch.long, device=device))
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: PagedBatch,
                     scale: Optional[float] = None, sliding_window: Optional[int] = None) -> torch.Tensor:
     """Causal attention of a packed batch's queries over its sequences' pages. ``query``:
     ``[T, H, D]``; ``key_cache``/``value_cache``: one layer of the pool ``[num_blocks, block_size,
-    H_kv, D]``, this step's K/V already written. Returns ``[T, H, D]``."""
-    tokens, heads, dim = query.shape
-    flat_keys = key_cache.reshape(-1, *key_cache.shape[2:])           # [num_slots, H_kv, D]
-    flat_values = value_cache.reshape(-1, *value_cache.shape[2:])
-    scale = dim ** -0.5 if scale is None else scale
-    out = query.new_empty(tokens, heads, dim)
-    if batch.decode_tokens.numel():
-        keys_at = torch.arange(batch.decode_slots.shape[1], device=query.device)
-        mask = keys_at[None, :] < batch.decode_lens[:, None]           # [B, L]
-        if sliding_window is not None:                                   # transformers: kv > q - window
-            mask &= keys_at[None, :] > batch.decode_lens[:, None] - 1 - sliding_window
-        q = query[batch.decode_tokens].unsqueeze(2)                     # [B, H, 1, D]
-        slots = batch.decode_slots
-        attended = _attend(q, flat_keys[slots], flat_values[slots], mask[:, None, None], scale)
-        out[batch.decode_tokens] = attended[:, :, 0]
-    for first, end, slots in batch.prefills:
-        length, count = slots.shape[0], end - first
-        q = query[first:end].transpose(0, 1)[None]                     # [1, H, q, D]
-        mask = None
-        if sliding_window is not None or count != length:
-            at = torch.arange(length, device=query.device)
-            q_at = at[length - count:, None]
-            mask = at[None, :] <= q_at                                   # [q, L]
-            if sliding_window is not None:
-                mask &= at[None, :] > q_at - sliding_window
-        attended = _attend(q, flat_keys[slots][None], flat_values[slots][None], mask, scale, causal=mask is None)
-        out[first:end] = attended[0].transpose(0, 1)
-    return out
+    H_kv, D]``, this step's K/V already written. Returns ``[T, H, D]``. The kernels' dispatcher
+    chooses: the Triton kernel for CUDA tensors, the plain-torch reference otherwise."""
+    return kernels.packed_paged_attention(query, key_cache, value_cache, batch.block_tables, batch.seq_lens,
+                                          batch.query_start, scale=scale, sliding_window=sliding_window)
 
 
 # -- the transformers binding ----------------------------------------------------------------------------

@@ -131,9 +131,11 @@ CALLS = [
                                           *tensors((2, 2, 24), dtype=dtype), backend="triton"),
                    kernels.compact_tokens(*tensors((2, 17, 24), dtype=dtype), torch.rand(2, 17) < 0.5,
                                           backend="triton")],
+    lambda dtype: paged_attention_step(dtype),
 ]
 KERNELS = ["best_match", "weighted_merge", "merge_targets", "merge_rows", "biased_attention", "mean_merge",
-           "amax_merge", "unmerge", "mean_merge2d", "unmerge2d", "gather_tokens", "scatter_tokens", "compact_tokens"]
+           "amax_merge", "unmerge", "mean_merge2d", "unmerge2d", "gather_tokens", "scatter_tokens", "compact_tokens",
+           "packed_paged_attention"]
 
 
 def merge_and_unmerge_2d(dtype):
@@ -145,6 +147,16 @@ def merge_and_unmerge_2d(dtype):
     grid = (match.a_idx, match.b_idx, match.unm_idx, match.src_idx, match.dst_idx)
     kernels.mean_merge2d(*tensors((2, 16, 24), dtype=dtype), *grid, backend="triton")
     kernels.unmerge2d(*tensors((2, 16 - match.r, 24), dtype=dtype), *grid, backend="triton")
+
+
+def paged_attention_step(dtype):
+    """A decode token and a prefill chunk of 3 over shuffled blocks of 4; GQA 4 / 2 heads of 64
+    channels, without and with a sliding window (a constexpr branch)."""
+    query, key_cache, value_cache = tensors((4, 4, 64), (6, 4, 2, 64), (6, 4, 2, 64), dtype=dtype)
+    step = (torch.tensor([[3, 1, 4], [0, 5, 0]]), torch.tensor([9, 5]), torch.tensor([0, 1, 4]))
+    for window in (None, 3):
+        kernels.packed_paged_attention(query, key_cache, value_cache, *step, scale=0.125, sliding_window=window,
+                                       backend="triton")
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
