@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 
 __all__ = ["ASSET_DIR", "SmolLM2Draft", "draft_config", "save_draft", "load_smollm2_draft"]
 
@@ -80,12 +81,7 @@ class SmolLM2Draft(LlamaForCausalLM):
         outputs = self.model(input_ids=self.full_to_draft[input_ids], attention_mask=attention_mask,
                              position_ids=position_ids, cache=cache if cache is not None else past_key_values,
                              use_cache=use_cache, **kwargs)
-        hidden = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        else:
-            hidden = hidden[:, logits_to_keep]
-        kept = self.lm_head(hidden)[..., :-1]
+        kept = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))[..., :-1]
         logits = kept.new_full((*kept.shape[:-1], self.vocab_size), float("-inf"))
         logits.index_copy_(-1, self.draft_to_full, kept)
         loss = None
