@@ -224,9 +224,12 @@ def layer_skip_draft(model: Any, layers: int) -> Any:
     return draft
 
 
-def _top_probability(logits: torch.Tensor) -> float:
-    """The softmax probability of the largest of ``logits: [V]``: 1 / sum(exp(logits - max))."""
-    return float(1.0 / (logits.float() - logits.max().float()).exp().sum())
+def top_probability(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax probability of the largest of ``logits: [..., V]``, ``[...]``: 1 / sum(exp(logits -
+    max)), without the softmax tensor."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return 1.0 / (logits - logits.amax(-1, keepdim=True)).exp().sum(-1)
 
 
 class _DraftModel:
@@ -248,7 +251,7 @@ class _DraftModel:
             self.length += pending.shape[1]
             if sampler is None:
                 proposal.append(int(logits[0, -1].argmax()))
-                sure = not confidence or _top_probability(logits[0, -1]) >= confidence
+                sure = not confidence or float(top_probability(logits[0, -1])) >= confidence
             else:
                 probs.append(sampler.probs(logits[0, -1:])[0])
                 proposal.append(sampler.draw(probs[-1]))

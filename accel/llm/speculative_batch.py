@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Sequence, Set, Tuple
 import torch
 
 from .speculative import (HYBRID_SHORTEST, Sampler, SpeculativeOutput, _forward, _until_stop, greedy_accept,
-                          prompt_lookup_proposal, request_stats, verify_sampled)
+                          prompt_lookup_proposal, request_stats, top_probability, verify_sampled)
 
 __all__ = ["generate_batch"]
 
@@ -154,7 +154,7 @@ def _propose(drafter: Optional[_MaskedCache], unseen: List[List[int]], history: 
         logits = drafter.step(tokens, counted, keep=1)[:, -1]
         if sampler is None:
             guess = logits.argmax(-1).tolist()
-            sure = (logits.softmax(-1).amax(-1) >= confidence).tolist() if confidence else [True] * batch
+            sure = (top_probability(logits) >= confidence).tolist() if confidence else [True] * batch
         else:
             row_probs = sampler.probs(logits)
             guess = [sampler.draw(p) for p in row_probs]
