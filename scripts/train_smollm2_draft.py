@@ -150,13 +150,17 @@ def distilled(work: Path) -> List[Any]:
     return rows
 
 
+def model_config(args: argparse.Namespace, kept: List[int]) -> Any:
+    """The draft's config from the command line's shape settings."""
+    return draft_config(kept, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                        intermediate=args.intermediate, context=args.context)
+
+
 def stage_train(args: argparse.Namespace, work: Path) -> None:
     corpus = torch.load(work / "corpus.pt")
     kept = corpus["kept_ids"]
-    config = draft_config(kept, hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                          intermediate=args.intermediate, context=args.context)
     torch.manual_seed(0)
-    model = SmolLM2Draft(config)
+    model = SmolLM2Draft(model_config(args, kept))
     if args.init_embeddings:
         init_from_target(model, kept)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -257,8 +261,7 @@ def stage_eval(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
         torch.save(rows, answers_path)
     rows = torch.load(answers_path)
     state = torch.load(work / "train_state.pt")
-    model = SmolLM2Draft(draft_config(corpus["kept_ids"], hidden=args.hidden, layers=args.layers, heads=args.heads,
-                                      kv_heads=args.kv_heads, intermediate=args.intermediate, context=args.context))
+    model = SmolLM2Draft(model_config(args, corpus["kept_ids"]))
     model.load_state_dict(state["model"])
     model.eval()
     agree = total = 0
@@ -278,11 +281,10 @@ def stage_eval(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
 def stage_export(args: argparse.Namespace, work: Path) -> None:
     corpus = torch.load(work / "corpus.pt")
     state = torch.load(work / "train_state.pt")
-    config = draft_config(corpus["kept_ids"], hidden=args.hidden, layers=args.layers, heads=args.heads,
-                          kv_heads=args.kv_heads, intermediate=args.intermediate, context=args.context)
-    model = SmolLM2Draft(config)
+    model = SmolLM2Draft(model_config(args, corpus["kept_ids"]))
     model.load_state_dict(state["model"])
     out = Path(args.out)
+    answers = distilled(work)
     settings = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "intermediate",
                                               "context", "batch", "steps", "lr", "distil_fraction", "answer_tokens")}
     save_draft(model, out, {"command": "python scripts/train_smollm2_draft.py all (see its docstring)",
@@ -290,8 +292,8 @@ def stage_export(args: argparse.Namespace, work: Path) -> None:
                             "tokens_per_step": args.batch * args.context,
                             "held_in_text_tokens": len(corpus["train_ids"]),
                             "held_in_requests": len(corpus["requests"]["train"]),
-                            "distilled_answers": len(distilled(work)),
-                            "distilled_answer_tokens": sum(len(a) for _, a in distilled(work)),
+                            "distilled_answers": len(answers),
+                            "distilled_answer_tokens": sum(len(a) for _, a in answers),
                             **stage_eval(args, work)})
     rng = random.Random(2)
     heldout = list(corpus["heldout_text"])
