@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
+from .eagle import EagleHead, EagleProposer, check_head
+
 __all__ = ["SpeculativeOutput", "Sampler", "speculative_generate", "verify_sampled", "prompt_lookup_proposal",
            "layer_skip_draft"]
 
@@ -306,6 +308,10 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
     if input_ids.shape[0] > 1 or (attention_mask is not None and not bool(attention_mask.all())):
         from .speculative_batch import generate_batch
 
+        if isinstance(draft, EagleHead):
+            raise ValueError(f"speculative_generate: an EAGLE head drafts at batch size 1 without padding only; got "
+                             f"{input_ids.shape[0]} row(s) with padding or several (use a draft model or prompt "
+                             f"lookup for batches)")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if pad_token_id is None:
             pad_token_id = getattr(config, "pad_token_id", None)
@@ -314,9 +320,28 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
         return generate_batch(target, input_ids, mask, draft=draft, prompt_lookup=prompt_lookup,
                               num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, stops=stops,
                               pad_token_id=pad_token_id, sampler=sampler, draft_confidence=draft_confidence)
+    if isinstance(draft, EagleHead):
+        proposer: Any = EagleProposer(draft, target)
+        proposer.attach()
+        try:
+            return _generate_one(target, input_ids, proposer, prompt_lookup, num_draft_tokens, max_new_tokens, stops,
+                                 sampler, draft_confidence)
+        finally:
+            proposer.detach()
     proposer = _DraftModel(draft) if draft is not None else None
+    return _generate_one(target, input_ids, proposer, prompt_lookup, num_draft_tokens, max_new_tokens, stops, sampler,
+                         draft_confidence)
+
+
+def _generate_one(target: Any, input_ids: torch.Tensor, proposer: Any, prompt_lookup: Optional[int],
+                  num_draft_tokens: int, max_new_tokens: int, stops: Set[int], sampler: Optional[Sampler],
+                  draft_confidence: float) -> SpeculativeOutput:
+    """Batch size 1: ``proposer`` is a ``_DraftModel``, an ``EagleProposer`` or None."""
+    eagle = proposer is not None and not isinstance(proposer, _DraftModel)
     logits, cache = _forward(target, input_ids, None, keep=1)
     first = logits[0, -1].argmax() if sampler is None else sampler.draw(sampler.probs(logits[0, -1:])[0])
+    if eagle:
+        proposer.start(input_ids, int(first))
     tokens = torch.cat([input_ids, input_ids.new_tensor([[int(first)]])], dim=1)  # the cache holds all but the last
     new, calls, drafted, accepted, rounds = 1, 1, 0, 0, 0
     while new < max_new_tokens and int(tokens[0, -1]) not in stops:
@@ -327,7 +352,9 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
         else:
             proposal = [] if prompt_lookup is None else \
                 prompt_lookup_proposal(tokens[0].tolist(), prompt_lookup, room, HYBRID_SHORTEST if proposer else 1)
-            if not proposal and proposer is not None:
+            if not proposal and eagle:
+                proposal, draft_probs = proposer.propose(room, sampler, draft_confidence)
+            elif not proposal and proposer is not None:
                 proposal, draft_probs = proposer.propose(tokens, room, sampler, draft_confidence)
         checked = torch.cat([tokens[:, -1:], tokens.new_tensor([proposal])], dim=1)
         logits, cache = _forward(target, checked, cache)
@@ -342,7 +369,9 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
         tokens = torch.cat([tokens, tokens.new_tensor([produced])], dim=1)
         new += len(produced)
         _truncate(cache, length + kept)  # the checked positions the target agreed with
-        if proposer is not None:
+        if eagle:
+            proposer.observe(len(produced) - 1, produced)
+        elif proposer is not None:
             proposer.keep(length + min(kept, len(proposal) - 1) if proposal else proposer.length)
     return SpeculativeOutput(tokens, request_stats(calls, drafted, accepted, rounds, new))
 
@@ -358,9 +387,12 @@ def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draf
     if draft is None and prompt_lookup is None:
         raise ValueError("speculative_generate: give a proposer, draft= (a causal LM) and/or prompt_lookup= "
                          "(an n-gram length)")
-    if draft is not None:
+    if isinstance(draft, EagleHead):
+        check_head(draft, target)
+    elif draft is not None:
         if not callable(draft) or not hasattr(draft, "config"):
-            raise TypeError(f"speculative_generate: draft must be a transformers causal LM; got {type(draft).__name__}")
+            raise TypeError(f"speculative_generate: draft must be a transformers causal LM or an EagleHead; got "
+                        f"{type(draft).__name__}")
         sizes = (getattr(draft.config, "vocab_size", None), getattr(target.config, "vocab_size", None))
         if sizes[0] != sizes[1]:
             raise ValueError(f"speculative_generate: the draft's vocabulary ({sizes[0]}) differs from the target's "

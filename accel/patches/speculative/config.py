@@ -10,8 +10,15 @@ __all__ = ["Speculative"]
 
 
 def is_causal_lm(obj: Any) -> bool:
-    """A transformers model that generates (``GenerationMixin``) and has a config: what can draft."""
+    """A transformers model that generates (``GenerationMixin``) and has a config."""
     return callable(obj) and callable(getattr(obj, "generate", None)) and hasattr(obj, "config")
+
+
+def can_draft(obj: Any) -> bool:
+    """A draft causal LM or an EAGLE head."""
+    from ...llm.eagle import EagleHead
+
+    return is_causal_lm(obj) or isinstance(obj, EagleHead)
 
 
 @dataclass(frozen=True, eq=False)
@@ -21,7 +28,9 @@ class Speculative(Settings):
     in one forward pass. Greedy output is the model's own, token for token; sampled output has the
     model's own distribution.
 
-    draft: a transformers causal LM sharing the model's tokenizer (vocabulary checked), or None.
+    draft: a transformers causal LM sharing the model's tokenizer (vocabulary checked), an
+        ``accel.llm.eagle.EagleHead`` made for the model (width and vocabulary checked; batch size 1),
+        or None.
     prompt_lookup: the longest n-gram of prompt lookup (the tokens that followed the latest earlier
         occurrence of the last n tokens), or None. With a draft too, prompt lookup proposes where an
         n-gram of two tokens or more recurs and the draft elsewhere.
@@ -40,15 +49,15 @@ class Speculative(Settings):
     draft_confidence: float = 0.0
 
     METHOD = "speculative"
-    EXPECTED = "a draft causal LM, \"prompt_lookup\", or a dict of settings"
+    EXPECTED = "a draft causal LM, an EagleHead, \"prompt_lookup\", or a dict of settings"
 
     def __post_init__(self) -> None:
         if self.draft is None and self.prompt_lookup is None:
             raise ValueError("Speculative: give a proposer, draft= (a causal LM) and/or prompt_lookup= "
                              "(an n-gram length)")
-        if self.draft is not None and not is_causal_lm(self.draft):
-            raise TypeError(f"Speculative: draft must be a transformers causal LM (with generate and a config); "
-                            f"got {type(self.draft).__name__}")
+        if self.draft is not None and not can_draft(self.draft):
+            raise TypeError(f"Speculative: draft must be a transformers causal LM (with generate and a config) or "
+                            f"an EagleHead; got {type(self.draft).__name__}")
         if self.prompt_lookup is not None:
             object.__setattr__(self, "prompt_lookup", check_int("Speculative", "prompt_lookup", self.prompt_lookup, 1))
         object.__setattr__(self, "num_draft_tokens", check_int("Speculative", "num_draft_tokens",
@@ -62,4 +71,4 @@ class Speculative(Settings):
         """``speculative=draft_model`` or ``speculative="prompt_lookup"``."""
         if value == "prompt_lookup":
             return {"prompt_lookup": 3}
-        return {"draft": value} if is_causal_lm(value) else None
+        return {"draft": value} if can_draft(value) else None

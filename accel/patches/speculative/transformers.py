@@ -35,8 +35,12 @@ class SpeculativeCausalLM(MethodPatch):
 
     def __init__(self, model: Any, config: Speculative) -> None:
         super().__init__(model, config)
+        from ...llm.eagle import EagleHead, check_head
+
         if config.draft is model:
             pass  # the model as its own draft: every token accepted (a check, not a speed-up)
+        elif isinstance(config.draft, EagleHead):
+            check_head(config.draft, model)
         elif config.draft is not None:
             sizes = (getattr(config.draft.config, "vocab_size", None), getattr(model.config, "vocab_size", None))
             if sizes[0] != sizes[1]:
@@ -49,7 +53,8 @@ class SpeculativeCausalLM(MethodPatch):
 
     def _install(self) -> None:
         self.hooks.add(self.target, self._generate, "generate")
-        proposer = " and ".join(([] if self.config.draft is None else ["a draft model"]) +
+        drafter = "an EAGLE head" if type(self.config.draft).__name__ == "EagleHead" else "a draft model"
+        proposer = " and ".join(([] if self.config.draft is None else [drafter]) +
                                 ([] if self.config.prompt_lookup is None else
                                  [f"prompt lookup ({self.config.prompt_lookup}-grams)"]))
         self.patched_modules["generate"] = f"speculative decoding: {proposer}, {self.config.num_draft_tokens} per pass"
