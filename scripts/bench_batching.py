@@ -18,7 +18,8 @@ Variants, all greedy:
 - accel ContinuousBatcher.
 Reported: generated tokens/s, KV memory (peak held for the engine; the padded cache for generate;
 what transformers' manager preallocates), tokens computed per real token (padding, recomputation),
-requests whose tokens equal the reference.
+requests whose tokens equal the reference, and the engine's KV slots (blocks x block size) per
+token its sequences held at its peak (a token of a shared prefix counted once per sequence).
 
     python scripts/bench_batching.py                  # 64 requests, 16-512 prompt tokens, 16-256 new
     python scripts/bench_batching.py --quick --out r.json
@@ -154,6 +155,8 @@ def variants(args: argparse.Namespace, model: Any, tokenizer: Any, pad: int, eos
              "generate, one padded batch": batches(args.requests, "generate, one padded batch"),
              f"generate, batches of {args.batch}": batches(args.batch, f"generate, batches of {args.batch}"),
              "transformers continuous batching": transformers_cb, "accel ContinuousBatcher": accel}
+    keys = ["alone", "padded", "sorted", "transformers", "accel"]
+    table = {name: run for (name, run), key in zip(table.items(), keys) if key == "alone" or key in args.variants}
     for name in table:
         record[name] = {}
     return table
@@ -173,6 +176,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="4 short requests, a few tokens: a smoke run")
+    parser.add_argument("--variants", nargs="+", default=["padded", "sorted", "transformers", "accel"],
+                        choices=("padded", "sorted", "transformers", "accel"),
+                        help="what to run besides generate one request at a time (the reference)")
     parser.add_argument("--out", type=Path, default=None, help="JSON record")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -227,7 +233,8 @@ def main() -> None:
         stats = seen.get("stats")
         if stats:
             row.update(forward_calls=stats["forward_calls"], preemptions=stats["preemptions"],
-                       prefix_hits=stats["prefix_hits"], max_batch=stats["max_batch_sequences"])
+                       prefix_hits=stats["prefix_hits"], max_batch=stats["max_batch_sequences"],
+                       kv_over_held=stats["peak_used_blocks"] * args.block_size / stats["peak_tokens_held"])
         record["rows"].append(row)
     def padded(size: int) -> int:  # tokens a padded cache holds, batches of ``size`` sorted by length
         order = sorted(requests, key=lambda r: len(r[0]) + r[1])
@@ -242,7 +249,8 @@ def main() -> None:
         ("variant", "variant", ""), ("tokens/s", "tokens/s", ".1f"), ("speedup", "speedup", ".2f"),
         ("KV MiB", "KV MiB", ".1f"), ("KV", "KV", ""), ("computed/real", "computed/real", ".2f"),
         ("equal to greedy", "equal to greedy", ""), ("forward_calls", "forwards", ""),
-        ("preemptions", "preemptions", ""), ("prefix_hits", "prefix hits", ""), ("max_batch", "max batch", "")]),
+        ("preemptions", "preemptions", ""), ("prefix_hits", "prefix hits", ""), ("max_batch", "max batch", ""),
+        ("kv_over_held", "KV slots / tokens held at peak", ".3f")]),
         flush=True)
     w = record["workload"]
     print(f"workload: {w['prompt tokens']} prompt tokens, {w['max_new_tokens']} max new tokens; padded/real "

@@ -118,8 +118,8 @@ class ContinuousBatcher:
         self._running: List[_Sample] = []   # ordered by key: the last is the newest
         self._broken = False
         self._counts = dict(steps=0, forward_calls=0, generated_tokens=0, computed_tokens=0, preemptions=0,
-                            max_batch_sequences=0, max_step_tokens=0, peak_used_blocks=0, prefix_queries=0,
-                            prefix_hits=0)
+                            max_batch_sequences=0, max_step_tokens=0, peak_used_blocks=0, peak_tokens_held=0,
+                            prefix_queries=0, prefix_hits=0)
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Prompt, max_new_tokens: int, *, n: int = 1, do_sample: bool = False,
@@ -232,7 +232,7 @@ class ContinuousBatcher:
         """The manager's ``memory_stats`` (KV memory now), and since the start: steps and forward
         calls, tokens generated and computed (prompts, recomputation after preemption, decode
         inputs), preemptions, the most sequences and tokens in one step, peak KV memory (blocks
-        held, and their bytes), and the prefix cache's full prompt blocks looked up and found
+        held, their bytes, and the tokens they held then), and the prefix cache's full prompt blocks looked up and found
         (counted per admission over the whole prompt, so a recomputed sample counts again)."""
         self._check_open()
         out: Dict[str, Union[int, float]] = dict(self.kv.memory_stats())
@@ -284,7 +284,9 @@ class ContinuousBatcher:
             budget -= len(head) - sample.computed
             self._waiting.pop(0)
             bisect.insort(self._running, sample, key=lambda s: s.key)
-        self._counts["peak_used_blocks"] = max(self._counts["peak_used_blocks"], self.kv.pool.used_blocks)
+        if self.kv.pool.used_blocks >= self._counts["peak_used_blocks"]:  # and the tokens those blocks held
+            self._counts["peak_used_blocks"] = self.kv.pool.used_blocks
+            self._counts["peak_tokens_held"] = self.kv.tokens_held
         return plan
 
     def _preempt(self, sample: _Sample) -> None:

@@ -98,6 +98,9 @@ def test_every_request_equals_greedy_generate_alone(name):
     assert stats["forward_calls"] < stats["generated_tokens"]
     assert stats["max_batch_sequences"] >= 4 and stats["max_step_tokens"] == 16
     assert stats["preemptions"] == 0 and stats["used_blocks"] == 0
+    # at the peak, each running sequence's blocks held its tokens with less than a block to spare
+    held, slots = stats["peak_tokens_held"], stats["peak_used_blocks"] * 4
+    assert held <= slots < held + 4 * stats["max_batch_sequences"], (held, slots)
 
 
 def test_block_tables_are_shuffled_and_the_tokens_the_same():
@@ -399,4 +402,5 @@ def test_bench_batching_quick(tmp_path, smollm2_cache):
     ours = rows["accel ContinuousBatcher"]
     assert ours["equal to greedy"] == "4/4" and ours["prefix_hits"] > 0 and ours["max_batch"] > 1
     assert ours["forward_calls"] < ours["generated"]
+    assert 0 < ours["kv_over_held"] < 2  # a shared prefix's blocks are held once for several sequences
     assert record["workload"]["padded/real tokens, one batch"] > 1
