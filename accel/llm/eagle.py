@@ -118,7 +118,7 @@ class EagleHead(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         if attend is not None:
             mask: Any = attend[:, None]
-        elif past is None or past[0].shape[2] == 0:
+        elif past is None or past[0].shape[2] == 0 or length == 1:  # causal alone, or one query reading all
             mask = None
         else:
             held = past[0].shape[2]
@@ -162,10 +162,9 @@ class EagleProposer:
             self.handle.remove()
             self.handle = None
 
-    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[n, H]`` head outputs -> ``[n, V]`` logits, ``-inf`` outside the kept ids."""
-        kept = hidden @ self.out_weight.T
-        logits = kept.new_full((hidden.shape[0], self.vocab), float("-inf"))
+    def full_logits(self, kept: torch.Tensor) -> torch.Tensor:
+        """``[n, K]`` logits over the kept ids -> ``[n, V]``, ``-inf`` elsewhere."""
+        logits = kept.new_full((kept.shape[0], self.vocab), float("-inf"))
         return logits.index_copy_(1, self.kept, kept)
 
     def _run(self, features: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
@@ -200,12 +199,12 @@ class EagleProposer:
         hidden = self.last
         at = self.true
         for step in range(count):
-            logits = self.full_logits(hidden)
+            kept = hidden @ self.out_weight.T  # [1, K]
             if sampler is None:
-                proposal.append(int(self.kept[int(logits[0, self.kept].argmax())]))
-                sure = not confidence or float(top_probability(logits[0, self.kept])) >= confidence
+                proposal.append(int(self.kept[int(kept[0].argmax())]))
+                sure = not confidence or float(top_probability(kept[0])) >= confidence
             else:
-                probs.append(sampler.probs(logits)[0])
+                probs.append(sampler.probs(self.full_logits(kept))[0])
                 proposal.append(sampler.draw(probs[-1]))
                 sure = float(probs[-1][proposal[-1]]) >= confidence
             if not sure or step == count - 1:

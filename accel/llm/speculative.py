@@ -13,7 +13,10 @@ Proposers:
 - prompt lookup (Saxena 2023): the tokens that followed the latest earlier occurrence of the last
   ``n`` tokens (``n`` from ``prompt_lookup`` down to 1), with no second model. This pays on outputs
   that copy from their input (summaries, edits, code);
-- both: prompt lookup where an n-gram of two tokens or more recurs, the draft model elsewhere.
+- an EAGLE head (``accel.llm.eagle``, batch size 1): one decoder layer that reads the target's own
+  last hidden states and predicts the next one;
+- both kinds: prompt lookup where an n-gram of two tokens or more recurs, the draft model or head
+  elsewhere.
 
 Both models keep their KV caches (transformers' ``DynamicCache``) across rounds, and rejected
 positions are cropped from them.
@@ -25,7 +28,8 @@ positions are cropped from them.
 - sampling at any batch size by speculative sampling: the target's distribution, with
   temperature, top-k and top-p applied identically to both models;
 - adaptive draft lengths (``draft_confidence``);
-- the shipped draft for the built-in model (``accel.pipelines.load("smollm2-draft")``).
+- the shipped draft for the built-in model (``accel.pipelines.load("smollm2-draft")``) and its
+  shipped EAGLE head (``load("smollm2-eagle")``).
 Self-speculation drafts with the model's own first layers (``layer_skip_draft``); untrained it
 agrees too rarely to pay, and no exit adapters are trained.
 """

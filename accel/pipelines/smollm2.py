@@ -100,3 +100,12 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> Tuple[Any, Any]:
         convert_smollm2(gguf_path(), folder)
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+def load_smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer (converted with the model on first use)."""
+    from transformers import AutoTokenizer
+
+    if not (cache_dir() / "tokenizer.json").is_file():
+        load_smollm2()
+    return AutoTokenizer.from_pretrained(cache_dir())

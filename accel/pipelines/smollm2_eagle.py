@@ -1,0 +1,33 @@
+"""The shipped EAGLE draft head for SmolLM2-135M-Instruct, trained by the project.
+
+    head, tokenizer = accel.pipelines.load("smollm2-eagle")
+    target, _ = accel.pipelines.load("smollm2-135m")
+    accel.patch(target, speculative=head)        # target.generate(...) drafts with the head
+
+One decoder layer that reads the target's own final features (``accel.llm.eagle``) and proposes
+over the 8,192 ids the shipped draft model keeps, scored by the target's own output layer. It was
+trained by ``scripts/train_smollm2_eagle.py`` on the target's features over the Python 3.11
+documentation (Debian's ``python3.11-doc``, PSF licence) and over its own greedy answers to
+requests about that text; see ``assets/smollm2-eagle/training.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Tuple
+
+import torch
+
+__all__ = ["ASSET_DIR", "load_smollm2_eagle"]
+
+ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "smollm2-eagle"
+
+
+def load_smollm2_eagle(dtype: torch.dtype = torch.float32, folder: Path = ASSET_DIR) -> Tuple[Any, Any]:
+    """``(EagleHead, tokenizer)`` in eval mode, from ``assets/smollm2-eagle``."""
+    from ..llm.eagle import load_eagle_head
+    from .smollm2 import load_smollm2_tokenizer
+
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"smollm2-eagle: no weights in {folder}; train them with "
+                                f"scripts/train_smollm2_eagle.py")
+    return load_eagle_head(folder, dtype), load_smollm2_tokenizer()
