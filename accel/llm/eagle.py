@@ -10,16 +10,18 @@ already done most of it.
     speculative_generate(target, input_ids, draft=head, max_new_tokens=64)
     accel.patch(target, speculative=head)
 
-How it drafts (``EagleProposer``, used by ``accel.llm.speculative``):
+How it drafts (``EagleProposer``, and ``EagleBatchProposer`` for batches, used by
+``accel.llm.speculative``):
 - the target's features are read from its final norm by a forward hook while decoding runs;
 - after each verification the head reads the pairs ``(f_t, x_{t+1})`` of the positions the target
   kept, with the target's true features, and its last output gives the first guess;
 - further guesses feed the head its own predicted feature and guess, one step each;
-- the head's KV cache is cut back to the true positions at the next verification.
+- the guesses leave the head's KV cache at the next verification: cut off at batch size 1;
+  in a batch, whose rows keep different numbers of tokens, masked as holes (as
+  ``speculative_batch`` does for the target's cache).
 
-The head keeps its own small KV cache as two tensors cut by slicing, rather than a transformers
-``Cache``: it is one layer, rolled back every round, and at batch size > 1 its rows hold
-different numbers of valid positions (masked holes, as in ``speculative_batch``).
+The head keeps its own small KV cache as two tensors, rather than a transformers ``Cache``: it is
+one layer, rolled back every round, with a mask of its own per row in batches.
 
 Its output layer scores only ``kept_ids`` (the target's output rows for those ids), which keeps
 drafting cheap; an id outside them is never proposed. ``scripts/train_smollm2_eagle.py`` trains
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EagleHead", "EagleProposer", "save_eagle_head", "load_eagle_head"]
+__all__ = ["EagleHead", "EagleProposer", "EagleBatchProposer", "save_eagle_head", "load_eagle_head"]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -134,23 +136,21 @@ class EagleHead(nn.Module):
         return x, (k, v)
 
 
-class EagleProposer:
-    """Drafting with an ``EagleHead`` for ``target`` at batch size 1: reads the target's features by
-    a forward hook on its final norm (installed by ``attach``, removed by ``detach``), keeps the
-    head's KV cache on the true positions, and proposes greedily or by sampling."""
+class _EagleDrafting:
+    """What drafting with an ``EagleHead`` for ``target`` needs at any batch size: the target's
+    features, read by a forward hook on its final norm (installed by ``attach``, removed by
+    ``detach``), its embeddings, and its output rows for the head's kept ids."""
 
     def __init__(self, head: EagleHead, target: Any) -> None:
         check_head(head, target)
         self.head, self.target = head, target
         self.embed = target.get_input_embeddings()
         weight = target.get_output_embeddings().weight
-        self.out_weight = weight.detach()[head.kept_ids.to(weight.device)]  # [K, H]
+        self.dtype = next(head.parameters()).dtype  # the head runs in its own dtype, whatever the target's
+        self.out_weight = weight.detach()[head.kept_ids.to(weight.device)].to(self.dtype)  # [K, H]
         self.kept = head.kept_ids.to(weight.device)
         self.vocab = weight.shape[0]
-        self.features: Optional[torch.Tensor] = None
-        self.past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self.true = 0  # positions the head's cache holds with the target's own features
-        self.last: Optional[torch.Tensor] = None  # the head's newest output, [1, H]
+        self.features: Optional[torch.Tensor] = None  # the target's latest final hidden states [B, T, H]
         self.handle: Any = None
 
     def attach(self) -> None:
@@ -167,9 +167,35 @@ class EagleProposer:
         logits = kept.new_full((kept.shape[0], self.vocab), float("-inf"))
         return logits.index_copy_(1, self.kept, kept)
 
+    def _guess(self, hidden: torch.Tensor, sampler: Any, confidence: float
+               ) -> Tuple[List[int], Optional[torch.Tensor], List[bool]]:
+        """Each row's guess from head outputs ``[B, H]``: greedy, or drawn with ``sampler`` (then with
+        the distributions ``[B, V]``), and whether the row's guess reached ``confidence``."""
+        from .speculative import top_probability
+
+        kept = hidden @ self.out_weight.T  # [B, K]
+        if sampler is None:
+            guess = self.kept[kept.argmax(-1)].tolist()
+            sure = (top_probability(kept) >= confidence).tolist() if confidence else [True] * len(guess)
+            return guess, None, sure
+        probs = sampler.probs(self.full_logits(kept))
+        guess = [sampler.draw(p) for p in probs]
+        return guess, probs, [float(probs[b, g]) >= confidence for b, g in enumerate(guess)]
+
+
+class EagleProposer(_EagleDrafting):
+    """Drafting with an ``EagleHead`` at batch size 1: the head's KV cache is kept on the true
+    positions, and proposals are greedy or sampled."""
+
+    def __init__(self, head: EagleHead, target: Any) -> None:
+        super().__init__(head, target)
+        self.past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.true = 0  # positions the head's cache holds with the target's own features
+        self.last: Optional[torch.Tensor] = None  # the head's newest output, [1, H]
+
     def _run(self, features: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
-        out, self.past = self.head(features.to(self.out_weight.dtype), self.embed(tokens), positions, self.past)
+        out, self.past = self.head(features.to(self.dtype), self.embed(tokens).to(self.dtype), positions, self.past)
         return out[0, -1:]
 
     def observe(self, kept: int, following: Sequence[int]) -> None:
@@ -192,27 +218,99 @@ class EagleProposer:
                 ) -> Tuple[List[int], Optional[torch.Tensor]]:
         """Up to ``count`` guesses after the true positions (greedy, or drawn with ``sampler`` with their
         distributions ``[n, V]``); stops after a guess whose probability is below ``confidence``."""
-        from .speculative import top_probability
-
         proposal: List[int] = []
         probs: List[torch.Tensor] = []
         hidden = self.last
         at = self.true
         for step in range(count):
-            kept = hidden @ self.out_weight.T  # [1, K]
-            if sampler is None:
-                proposal.append(int(self.kept[int(kept[0].argmax())]))
-                sure = not confidence or float(top_probability(kept[0])) >= confidence
-            else:
-                probs.append(sampler.probs(self.full_logits(kept))[0])
-                proposal.append(sampler.draw(probs[-1]))
-                sure = float(probs[-1][proposal[-1]]) >= confidence
-            if not sure or step == count - 1:
+            guess, drawn, sure = self._guess(hidden, sampler, confidence)
+            proposal.append(guess[0])
+            if drawn is not None:
+                probs.append(drawn[0])
+            if not sure[0] or step == count - 1:
                 break
             tokens = torch.tensor([[proposal[-1]]], device=hidden.device)
             hidden = self._run(hidden[None], tokens, at)
             at += 1
         return proposal, (torch.stack(probs) if probs else None)
+
+
+class EagleBatchProposer(_EagleDrafting):
+    """Drafting with an ``EagleHead`` for a batch whose rows keep different numbers of tokens. As in
+    ``speculative_batch``, the head's cache only grows: every call appends the same number of
+    positions to every row, and ``valid [B, S]`` marks what each row really holds (its true pairs,
+    and while drafting its own guesses, which the next ``observe`` unmarks). A row's next position
+    id is its count of valid positions."""
+
+    def __init__(self, head: EagleHead, target: Any) -> None:
+        super().__init__(head, target)
+        self.past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.valid: Optional[torch.Tensor] = None
+        self.guessed_from: Optional[int] = None  # the first cache column holding guesses
+        self.last: Optional[torch.Tensor] = None  # each row's newest output, [B, H]
+
+    def _append(self, features: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Run the head on ``[B, W]`` pairs, of which ``real`` count, after what each row holds."""
+        batch, width = tokens.shape
+        held = real.new_zeros(batch, 0) if self.valid is None else self.valid
+        positions = (held.sum(1, keepdim=True) + real.long().cumsum(1) - 1).clamp_min(0)
+        causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+        own = real[:, None, :] & causal | torch.eye(width, dtype=torch.bool, device=real.device)  # fillers: themselves
+        attend = torch.cat([held[:, None, :].expand(batch, width, -1), own], dim=2)
+        out, self.past = self.head(features.to(self.dtype), self.embed(tokens).to(self.dtype), positions, self.past,
+                                   attend)
+        self.valid = torch.cat([held, real], dim=1)
+        return out
+
+    def observe(self, rows: Sequence[Optional[Tuple[torch.Tensor, Sequence[int]]]]) -> None:
+        """Each row's new true pairs: the target's features ``[n, H]`` at positions it kept and the
+        ``n`` tokens that followed them (None: nothing for this row). The guesses made since the last
+        call are forgotten; each row's first guess comes from its last pair."""
+        if self.guessed_from is not None:
+            self.valid[:, self.guessed_from:] = False
+            self.guessed_from = None
+        width = max(len(r[1]) for r in rows if r is not None)
+        device = self.out_weight.device
+        features = torch.zeros(len(rows), width, self.head.hidden, dtype=self.dtype, device=device)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        real = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        for b, row in enumerate(rows):
+            if row is not None:
+                count = len(row[1])
+                features[b, :count] = row[0][:count]
+                tokens[b, :count] = torch.tensor(list(row[1]), dtype=torch.long)
+                real[b, :count] = True
+        out = self._append(features, tokens, real)
+        last = (real.long().sum(1) - 1).clamp_min(0)
+        newest = out[torch.arange(len(rows), device=device), last]
+        self.last = newest if self.last is None else torch.where(real.any(1, keepdim=True), newest, self.last)
+
+    def propose(self, room: Sequence[int], sampler: Any = None, confidence: float = 0.0
+                ) -> Tuple[List[List[int]], List[Optional[torch.Tensor]]]:
+        """Up to ``room[b]`` guesses for each row (greedy, or drawn with ``sampler``, with their
+        distributions ``[n, V]``); a row stops after a guess whose probability is below
+        ``confidence``."""
+        batch = len(room)
+        room = list(room)
+        proposals: List[List[int]] = [[] for _ in range(batch)]
+        probs: List[List[torch.Tensor]] = [[] for _ in range(batch)]
+        self.guessed_from = self.valid.shape[1]
+        hidden = self.last
+        for step in range(max(room)):
+            guess, drawn, sure = self._guess(hidden, sampler, confidence)
+            for b in range(batch):
+                if step < room[b]:
+                    proposals[b].append(guess[b])
+                    if drawn is not None:
+                        probs[b].append(drawn[b])
+                    if not sure[b]:
+                        room[b] = step + 1
+            if all(r <= step + 1 for r in room):
+                break
+            tokens = torch.tensor([[g] for g in guess], device=hidden.device)
+            wanted = torch.tensor([[step < r - 1] for r in room], device=hidden.device)  # one more after it
+            hidden = self._append(hidden[:, None], tokens, wanted)[:, 0]
+        return proposals, [torch.stack(p) if p else None for p in probs]
 
 
 def final_norm(target: Any) -> nn.Module:

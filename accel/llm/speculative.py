@@ -13,8 +13,8 @@ Proposers:
 - prompt lookup (Saxena 2023): the tokens that followed the latest earlier occurrence of the last
   ``n`` tokens (``n`` from ``prompt_lookup`` down to 1), with no second model. This pays on outputs
   that copy from their input (summaries, edits, code);
-- an EAGLE head (``accel.llm.eagle``, batch size 1): one decoder layer that reads the target's own
-  last hidden states and predicts the next one;
+- an EAGLE head (``accel.llm.eagle``): one decoder layer that reads the target's own last hidden
+  states and predicts the next one;
 - both kinds: prompt lookup where an n-gram of two tokens or more recurs, the draft model or head
   elsewhere.
 
@@ -312,10 +312,6 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
     if input_ids.shape[0] > 1 or (attention_mask is not None and not bool(attention_mask.all())):
         from .speculative_batch import generate_batch
 
-        if isinstance(draft, EagleHead):
-            raise ValueError(f"speculative_generate: an EAGLE head drafts at batch size 1 without padding only; got "
-                             f"{input_ids.shape[0]} row(s) with padding or several (use a draft model or prompt "
-                             f"lookup for batches)")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if pad_token_id is None:
             pad_token_id = getattr(config, "pad_token_id", None)
@@ -395,8 +391,8 @@ def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draf
         check_head(draft, target)
     elif draft is not None:
         if not callable(draft) or not hasattr(draft, "config"):
-            raise TypeError(f"speculative_generate: draft must be a transformers causal LM or an EagleHead; got "
-                        f"{type(draft).__name__}")
+            raise TypeError(f"speculative_generate: draft must be a transformers causal LM or an EagleHead; "
+                            f"got {type(draft).__name__}")
         sizes = (getattr(draft.config, "vocab_size", None), getattr(target.config, "vocab_size", None))
         if sizes[0] != sizes[1]:
             raise ValueError(f"speculative_generate: the draft's vocabulary ({sizes[0]}) differs from the target's "

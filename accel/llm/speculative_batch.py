@@ -18,6 +18,7 @@ from typing import Any, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from .eagle import EagleBatchProposer, EagleHead
 from .speculative import (HYBRID_SHORTEST, Sampler, SpeculativeOutput, _forward, _until_stop, greedy_accept,
                           prompt_lookup_proposal, request_stats, top_probability, verify_sampled)
 
@@ -58,17 +59,36 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
     do_sample=False)``. With a ``Sampler``: speculative sampling row by row, each row's tokens
     distributed as the target samples them. A draft model stops drafting for a row after a token
     it gave a probability below ``draft_confidence``."""
+    if isinstance(draft, EagleHead):
+        eagle = EagleBatchProposer(draft, target)
+        eagle.attach()
+        try:
+            return _generate(target, input_ids, attention_mask, eagle, prompt_lookup, num_draft_tokens,
+                             max_new_tokens, stops, pad_token_id, sampler, draft_confidence)
+        finally:
+            eagle.detach()
+    return _generate(target, input_ids, attention_mask, None if draft is None else _MaskedCache(draft),
+                     prompt_lookup, num_draft_tokens, max_new_tokens, stops, pad_token_id, sampler, draft_confidence)
+
+
+def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, drafter: Any,
+              prompt_lookup: Optional[int], num_draft_tokens: int, max_new_tokens: int, stops: Set[int],
+              pad_token_id: int, sampler: Optional[Sampler], draft_confidence: float) -> SpeculativeOutput:
+    """``generate_batch`` with ``drafter`` a ``_MaskedCache`` over a draft model, an
+    ``EagleBatchProposer`` (which reads the target's features from its hook) or None."""
     batch = input_ids.shape[0]
     real = attention_mask.bool()
+    eagle = isinstance(drafter, EagleBatchProposer)
     verifier = _MaskedCache(target)
     first = verifier.step(input_ids, real, keep=1)[:, -1]  # each row's newest token, not yet in the target's cache
     last = first.argmax(-1).tolist() if sampler is None else [sampler.draw(p) for p in sampler.probs(first)]
     made: List[List[int]] = [[int(t)] for t in last]
     history = [input_ids[b][real[b]].tolist() + made[b] for b in range(batch)]
     done = [made[b][-1] in stops or max_new_tokens == 1 for b in range(batch)]
-    drafter = _MaskedCache(draft) if draft is not None else None
-    unseen: List[List[int]] = [[] for _ in range(batch)]  # tokens of each row the draft has not read yet
-    if drafter is not None:
+    unseen: List[List[int]] = [[] for _ in range(batch)]  # tokens of each row the draft model has not read yet
+    if eagle:  # the head reads each prompt's features with the token after each position
+        drafter.observe([(drafter.features[b][real[b]], history[b][1:]) for b in range(batch)])
+    elif drafter is not None:
         drafter.step(input_ids, real, keep=1)  # reads the prompts; its first guess comes next round
         unseen = [[made[b][-1]] for b in range(batch)]
     calls, drafted, accepted, checks = 1, 0, 0, 0
@@ -90,6 +110,7 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
         logits = verifier.step(tokens, counted)
         choices = logits.argmax(-1).tolist() if sampler is None else None
         calls += 1
+        observed: List[Any] = [None] * batch  # the EAGLE head's new true pairs, per row
         for b in range(batch):
             if done[b]:
                 continue
@@ -104,13 +125,17 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
             drafted, accepted = drafted + len(proposal), accepted + min(kept, len(produced))
             accepted_rows[b] += min(kept, len(produced))
             verifier.forget(b, start + 1 + kept, start + 1 + width)  # rejected drafts and fillers
-            if drafter is not None and looked_up[b]:
+            if eagle:
+                observed[b] = (drafter.features[b, :len(produced)], produced)
+            elif drafter is not None and looked_up[b]:
                 unseen[b] += produced  # the draft read none of this round's tokens
             elif drafter is not None:
                 _settle_draft(drafter, b, proposal, kept, produced, unseen)
             made[b] += produced
             history[b] += produced
             done[b] = produced[-1] in stops or len(made[b]) >= max_new_tokens
+        if eagle and not all(done):
+            drafter.observe(observed)
     longest = max(len(m) for m in made)
     new = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=input_ids.device)
     for b in range(batch):
@@ -120,7 +145,7 @@ def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
     return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats)
 
 
-def _propose(drafter: Optional[_MaskedCache], unseen: List[List[int]], history: List[List[int]], done: List[bool],
+def _propose(drafter: Any, unseen: List[List[int]], history: List[List[int]], done: List[bool],
              room: Sequence[int], prompt_lookup: Optional[int], filler: int, device: torch.device,
              sampler: Optional[Sampler], confidence: float
              ) -> Tuple[List[List[int]], List[Optional[torch.Tensor]], List[bool]]:
@@ -142,6 +167,9 @@ def _propose(drafter: Optional[_MaskedCache], unseen: List[List[int]], history: 
     count = max(room)
     if count <= 0:
         return proposals, [None] * batch, looked_up
+    if isinstance(drafter, EagleBatchProposer):
+        guessed, drawn = drafter.propose(room, sampler, confidence)
+        return [guessed[b] if room[b] > 0 else proposals[b] for b in range(batch)], drawn, looked_up
     # first step: every row's unseen tokens (more after prompt-lookup rounds), right-aligned, fillers masked
     width = max(1, max(len(u) for u in unseen))
     tokens = torch.full((batch, width), filler, dtype=torch.long, device=device)

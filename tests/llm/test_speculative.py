@@ -333,69 +333,55 @@ def test_the_sampler_warps_as_transformers_does():
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
 
 
-def test_speculative_sampling_draws_two_tokens_as_the_target_does():
-    """The first two new tokens of a 6-token model, sampled 2,000 times with a random draft (so
-    drafts are rejected and resampled), against their exact joint probability under the target
-    with the same temperature and top-k."""
-    from accel.llm.speculative import Sampler
-
+def tiny_lm(seed):
+    """A 6-token Llama (float64) for the distribution tests."""
     import transformers
 
-    def tiny(seed):
-        config = transformers.LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1, eos_token_id=None)
-        torch.manual_seed(seed)
-        return transformers.LlamaForCausalLM(config).eval().double()
+    config = transformers.LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval().double()
 
-    target, draft = tiny(0), tiny(1)
-    ids = torch.tensor([[1, 4, 2]])
-    sampler = Sampler(temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(2))
+
+def two_token_probabilities(target, row, sampler):
+    """The exact joint probability ``[36]`` of the first two tokens the target samples after ``row``."""
+    context = torch.tensor([row])
     with torch.no_grad():
-        first = sampler.probs(target(ids).logits[0, -1:])[0]
-        exact = torch.stack([first[a] * sampler.probs(target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1:])[0]
-                             for a in range(6)]).flatten()
-    counts = torch.zeros(36)
-    for _ in range(2000):
-        out = speculative_generate(target, ids, draft=draft, num_draft_tokens=2, max_new_tokens=2, sampler=sampler)
-        a, b = out.sequences[0, 3:].tolist()
-        counts[6 * a + b] += 1
-    statistic, dof = chi_square(counts, exact)
-    assert statistic < CHI2_999[dof], (statistic, dof)
+        first = sampler.probs(target(context).logits[0, -1:])[0]
+        return torch.stack([first[a] * sampler.probs(target(torch.cat([context, torch.tensor([[a]])], 1))
+                                                     .logits[0, -1:])[0] for a in range(6)]).flatten()
+
+
+def check_two_sampled_tokens(drafter_for, padded, draws):
+    """The first two new tokens, sampled ``draws`` times with the proposer ``drafter_for(target)``
+    (random, so drafts are rejected and resampled), against their exact joint probability under
+    the target with the same temperature and top-k: one prompt, or (``padded``) two rows of
+    different lengths, left-padded."""
+    target = tiny_lm(0)
+    draft = drafter_for(target)
+    rows = [[1, 4, 2], [3, 5]] if padded else [[1, 4, 2]]
+    ids, mask = (torch.tensor([[1, 4, 2], [0, 3, 5]]), torch.tensor([[1, 1, 1], [0, 1, 1]])) if padded else \
+        (torch.tensor(rows), None)
+    sampler = Sampler(temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3 if padded else 2))
+    exact = [two_token_probabilities(target, row, sampler) for row in rows]
+    counts = torch.zeros(len(rows), 36)
+    for _ in range(draws):
+        out = speculative_generate(target, ids, attention_mask=mask, draft=draft, num_draft_tokens=2,
+                                   max_new_tokens=2, sampler=sampler, pad_token_id=0)
+        for b in range(len(rows)):
+            a, c = out.sequences[b, 3:].tolist()
+            counts[b, 6 * a + c] += 1
+    for b in range(len(rows)):
+        statistic, dof = chi_square(counts[b], exact[b])
+        assert statistic < CHI2_999[dof], (b, statistic, dof)
+
+
+def test_speculative_sampling_draws_two_tokens_as_the_target_does():
+    check_two_sampled_tokens(lambda target: tiny_lm(1), padded=False, draws=2000)
 
 
 def test_speculative_sampling_in_a_padded_batch_draws_each_row_as_the_target_does():
-    """Two rows of different lengths (left-padded), sampled 1,500 times with a random draft: the
-    first two new tokens of each row against their exact joint probability under the target."""
-    import transformers
-
-    def tiny(seed):
-        config = transformers.LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1, eos_token_id=None,
-                                          pad_token_id=0)
-        torch.manual_seed(seed)
-        return transformers.LlamaForCausalLM(config).eval().double()
-
-    target, draft = tiny(0), tiny(1)
-    rows = [[1, 4, 2], [3, 5]]
-    ids, mask = torch.tensor([[1, 4, 2], [0, 3, 5]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
-    sampler = Sampler(temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3))
-    exact = []
-    with torch.no_grad():
-        for row in rows:
-            context = torch.tensor([row])
-            first = sampler.probs(target(context).logits[0, -1:])[0]
-            exact.append(torch.stack([first[a] * sampler.probs(target(torch.cat([context, torch.tensor([[a]])], 1))
-                                                               .logits[0, -1:])[0] for a in range(6)]).flatten())
-    counts = torch.zeros(2, 36)
-    for _ in range(1500):
-        out = speculative_generate(target, ids, attention_mask=mask, draft=draft, num_draft_tokens=2,
-                                   max_new_tokens=2, sampler=sampler, pad_token_id=0)
-        for b in range(2):
-            a, c = out.sequences[b, 3:].tolist()
-            counts[b, 6 * a + c] += 1
-    for b in range(2):
-        statistic, dof = chi_square(counts[b], exact[b])
-        assert statistic < CHI2_999[dof], (b, statistic, dof)
+    check_two_sampled_tokens(lambda target: tiny_lm(1), padded=True, draws=1500)
 
 
 def test_patched_generate_samples_a_batch():

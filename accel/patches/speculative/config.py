@@ -29,8 +29,7 @@ class Speculative(Settings):
     model's own distribution.
 
     draft: a transformers causal LM sharing the model's tokenizer (vocabulary checked), an
-        ``accel.llm.eagle.EagleHead`` made for the model (width and vocabulary checked; batch size 1),
-        or None.
+        ``accel.llm.eagle.EagleHead`` made for the model (width and vocabulary checked), or None.
     prompt_lookup: the longest n-gram of prompt lookup (the tokens that followed the latest earlier
         occurrence of the last n tokens), or None. With a draft too, prompt lookup proposes where an
         n-gram of two tokens or more recurs and the draft elsewhere.
