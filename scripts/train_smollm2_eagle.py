@@ -97,21 +97,37 @@ def make_head(target: Any, kept: List[int], args: argparse.Namespace) -> EagleHe
 
 
 def losses(head: EagleHead, embed: torch.nn.Module, out_weight: torch.Tensor, ids: torch.Tensor,
-           features: torch.Tensor, valid: torch.Tensor, noise: float) -> Tuple[torch.Tensor, torch.Tensor]:
+           features: torch.Tensor, valid: torch.Tensor, noise: float, unroll: int = 1
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Smooth-L1 on the predicted features and cross-entropy against the target's next-token
-    distribution over the kept ids, over the valid pairs of ``ids, features: [B, T(, H)]``."""
+    distribution over the kept ids, over the valid pairs of ``ids, features: [B, T(, H)]``.
+
+    ``unroll`` = 2 adds the second drafting step as it runs when drafting (after EAGLE-3's
+    training-time test): at position ``i`` the head reads its own predicted ``f_i`` with ``x_{i+1}``,
+    attending to the true pairs before ``i`` and to itself, and is scored on ``f_{i+1}`` likewise."""
     inputs = features[:, :-1]
     if noise:
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
     with torch.no_grad():
         tokens = embed(ids[:, 1:])
         wanted = F.softmax(features[:, 1:] @ out_weight.T, dim=-1)
-    positions = torch.arange(ids.shape[1] - 1)[None].expand(ids.shape[0], -1)
-    predicted, _ = head(inputs, tokens, positions)
+    length = ids.shape[1] - 1
+    positions = torch.arange(length)[None].expand(ids.shape[0], -1)
+    predicted, past = head(inputs, tokens, positions)
     pairs = valid[:, 1:]
-    regression = F.smooth_l1_loss(predicted, features[:, 1:], reduction="none").mean(-1)
-    cross = -(wanted * F.log_softmax(predicted @ out_weight.T, dim=-1)).sum(-1)
-    return regression[pairs].mean(), cross[pairs].mean()
+    regression = F.smooth_l1_loss(predicted, features[:, 1:], reduction="none").mean(-1)[pairs].mean()
+    cross = -(wanted * F.log_softmax(predicted @ out_weight.T, dim=-1)).sum(-1)[pairs].mean()
+    if unroll == 2:
+        # query i: the true pairs' keys before i, then its own (the second T of the keys)
+        before = torch.ones(length, length, dtype=torch.bool).tril(-1)
+        attend = torch.cat([before, torch.eye(length, dtype=torch.bool)], dim=1)[None].expand(ids.shape[0], -1, -1)
+        own = torch.cat([inputs[:, :1], predicted[:, :-1]], dim=1)  # f^_i from the first step (f_0 is true)
+        second, _ = head(own, tokens, positions, past, attend=attend)
+        later = pairs.clone()
+        later[:, 0] = False  # position 0 read a true feature: the first step already scores it
+        regression = regression + F.smooth_l1_loss(second, features[:, 1:], reduction="none").mean(-1)[later].mean()
+        cross = cross - (wanted * F.log_softmax(second @ out_weight.T, dim=-1)).sum(-1)[later].mean()
+    return regression, cross
 
 
 def stage_train(args: argparse.Namespace, work: Path) -> None:
@@ -129,6 +145,8 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+    elif args.resume_from:
+        head.load_state_dict(torch.load(args.resume_from)["head"])
     rng = random.Random(step)
     count = len(data["ids"])
     began, seen = time.perf_counter(), []
@@ -147,7 +165,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
             ids[row, :n] = data["ids"][i].long()
             features[row, :n] = data["features"][i].float()
             valid[row, :n] = True
-        regression, cross = losses(head, embed, out_weight, ids, features, valid, args.noise)
+        regression, cross = losses(head, embed, out_weight, ids, features, valid, args.noise, args.unroll)
         loss = regression + args.cls_weight * cross
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,7 +236,7 @@ def stage_export(args: argparse.Namespace, work: Path) -> None:
     head = make_head(load_target(), data["kept_ids"], args)
     head.load_state_dict(state["head"])
     settings = {k: getattr(args, k) for k in ("intermediate", "context", "doc_windows", "batch", "steps", "lr",
-                                              "noise", "cls_weight")}
+                                              "noise", "cls_weight", "unroll", "resume_from")}
     save_eagle_head(head, Path(args.out), {
         "command": "python scripts/train_smollm2_eagle.py all (see its docstring)", "settings": settings,
         "trained_steps": state["step"], "sequences": len(data["ids"]), "distilled_sequences": data["distilled"],
@@ -241,6 +259,10 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--cls-weight", type=float, default=0.1)
+    parser.add_argument("--unroll", type=int, choices=(1, 2), default=1,
+                        help="2: also train the second drafting step on the head's own predicted feature")
+    parser.add_argument("--resume-from", default=None,
+                        help="start from this checkpoint's head (a new schedule and optimizer), e.g. to fine-tune")
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--chain-stride", type=int, default=4)

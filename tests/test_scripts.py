@@ -113,14 +113,37 @@ def test_bench_llm_measures_the_shipped_draft_and_prompt_lookup_against_generate
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env=env)
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"generate", "accel loop, no draft", "accel shipped draft", "accel prompt lookup",
-                         "accel shipped draft + prompt lookup",
+                         "accel shipped draft + prompt lookup", "accel shipped EAGLE head",
+                         "accel shipped EAGLE head + prompt lookup",
                          "transformers assistant_model (its defaults)", "transformers assistant_model (same k)",
                          "transformers prompt lookup"}
     for variant in ("accel loop, no draft", "accel shipped draft", "accel prompt lookup",
-                    "accel shipped draft + prompt lookup"):
+                    "accel shipped draft + prompt lookup", "accel shipped EAGLE head",
+                    "accel shipped EAGLE head + prompt lookup"):
         ours = rows[variant]
         assert ours["batch"] == 2 and ours["equal to generate"] == "yes" and ours["tokens/s"] > 0, variant
     assert "acceptance" not in rows["accel loop, no draft"]  # nothing drafted
     assert 0 < rows["accel shipped draft"]["acceptance"] <= 1 and rows["accel shipped draft"]["mean accepted length"] > 1
     for variant in ("transformers assistant_model (its defaults)", "transformers prompt lookup"):
         assert rows[variant]["equal to generate"].startswith("refused"), variant
+
+
+def test_bench_llm_measures_the_shipped_eagle_head_and_the_costs_of_a_pass(tmp_path, smollm2_cache):
+    """At batch size 1 the shipped EAGLE head's rows (alone and with prompt lookup) equal greedy
+    generate's tokens; ``--costs`` times the target checking 1 to 8 positions and the proposers'
+    steps."""
+    import os
+
+    env = dict(os.environ, ACCEL_CACHE=str(smollm2_cache[0]))
+    out = tmp_path / "llm.json"
+    base = [sys.executable, str(ROOT / "scripts" / "bench_llm.py"), "--quick", "--threads", "1", "--out", str(out)]
+    subprocess.run(base + ["--no-draft"], check=True, capture_output=True, text=True, timeout=300, env=env)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"generate", "accel shipped EAGLE head", "accel shipped EAGLE head + prompt lookup"}
+    for variant in ("accel shipped EAGLE head", "accel shipped EAGLE head + prompt lookup"):
+        assert rows[variant]["equal to generate"] == "yes" and rows[variant]["mean accepted length"] >= 1, variant
+    subprocess.run(base + ["--costs"], check=True, capture_output=True, text=True, timeout=300, env=env)
+    costs = json.loads(out.read_text())["costs_ms"]
+    assert [f"target, {w} positions" for w in range(1, 9)] == list(costs)[:8]
+    assert {"draft model, one step", "EAGLE head, 1 proposed", "EAGLE head, 4 proposed"} <= set(costs)
+    assert all(ms > 0 for ms in costs.values())

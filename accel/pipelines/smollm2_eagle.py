@@ -22,8 +22,14 @@ __all__ = ["ASSET_DIR", "load_smollm2_eagle"]
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "smollm2-eagle"
 
 
-def load_smollm2_eagle(dtype: torch.dtype = torch.float32, folder: Path = ASSET_DIR) -> Tuple[Any, Any]:
-    """``(EagleHead, tokenizer)`` in eval mode, from ``assets/smollm2-eagle``."""
+def load_smollm2_eagle(dtype: torch.dtype = torch.float16, folder: Path = ASSET_DIR) -> Tuple[Any, Any]:
+    """``(EagleHead, tokenizer)`` in eval mode, from ``assets/smollm2-eagle``, in ``dtype``.
+
+    float16 by default, the dtype its weights are stored in: drafting reads the head's weights and
+    8,192 of the target's output rows from memory at every step, and at half the bytes 4 proposals
+    take 3.3 ms instead of 9.6 ms in float32 on the 2-core CPU (``python scripts/bench_llm.py
+    --costs``; docs/benchmarks.md). The head casts the target's features to its own dtype; which tokens it proposes may
+    change, never the output, which the target decides."""
     from ..llm.eagle import load_eagle_head
     from .smollm2 import load_smollm2_tokenizer
 
