@@ -14,9 +14,9 @@ sequence's block table: position ``i`` lives at slot ``block_tables[s, i // bloc
 block_size + i % block_size``. Grouped-query attention: query head ``h`` reads KV head ``h // (H / H_kv)``.
 
 The reference is the plain-torch computation the continuous-batching engine ran before this op
-existed, moved here unchanged (so the engine's CPU output is bit-identical): the one-token
-sequences gathered into one ``[B, H, 1, L]`` SDPA masked past each row's length, each longer chunk
-attending on its own. It reads the lengths on the host (a sync on CUDA). The Triton kernel is
+existed: the one-token sequences gathered into one ``[B, H, 1, L]`` SDPA masked past each row's
+length, each longer chunk attending on its own (grouped query heads folded into their key-value
+head's query rows since; see ``_attend``). It reads the lengths on the host (a sync on CUDA). The Triton kernel is
 flash-decoding style: one program per (token, KV head) holds that head's group of query heads,
 streams the token's keys and values through the block table in tiles with an online softmax in
 fp32, and never forms a ``[T, L]`` score matrix; its per-token metadata (sequence, number of
@@ -93,7 +93,7 @@ def packed_paged_attention_reference(query: torch.Tensor, key_cache: torch.Tenso
                                      block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
                                      scale: float, sliding_window: Optional[int] = None) -> torch.Tensor:
     """Plain torch, in ``query``'s dtype: the decode rows as one masked SDPA, each prefill chunk as its
-    own (``is_causal`` when the chunk is the whole sequence and there is no window)."""
+    own (causal without a mask when the chunk is the whole sequence and there is no window)."""
     tokens, heads, dim = query.shape
     block_size = key_cache.shape[1]
     flat_keys = key_cache.reshape(-1, *key_cache.shape[2:])           # [num_slots, H_kv, D]

@@ -387,18 +387,25 @@ def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draf
     if draft is None and prompt_lookup is None:
         raise ValueError("speculative_generate: give a proposer, draft= (a causal LM) and/or prompt_lookup= "
                          "(an n-gram length)")
-    if isinstance(draft, EagleHead):
-        check_head(draft, target)
-    elif draft is not None:
-        if not callable(draft) or not hasattr(draft, "config"):
-            raise TypeError(f"speculative_generate: draft must be a transformers causal LM or an EagleHead; "
-                            f"got {type(draft).__name__}")
-        sizes = (getattr(draft.config, "vocab_size", None), getattr(target.config, "vocab_size", None))
-        if sizes[0] != sizes[1]:
-            raise ValueError(f"speculative_generate: the draft's vocabulary ({sizes[0]}) differs from the target's "
-                             f"({sizes[1]}); they must share a tokenizer")
+    if draft is not None:
+        check_draft(draft, target, "speculative_generate")
     if prompt_lookup is not None:
         check_int("speculative_generate", "prompt_lookup", prompt_lookup, low=1)
     check_int("speculative_generate", "num_draft_tokens", num_draft_tokens, low=0)
     check_int("speculative_generate", "max_new_tokens", max_new_tokens, low=1)
     check_real("speculative_generate", "draft_confidence", draft_confidence, lambda v: 0 <= v < 1, "a float in [0, 1)")
+
+
+def check_draft(draft: Any, target: Any, owner: str) -> None:
+    """A ``TypeError`` unless ``draft`` is a causal LM or an ``EagleHead``, and a ``ValueError`` unless
+    it fits ``target``: a draft model with the target's vocabulary, a head with its width and
+    vocabulary. ``owner`` names the caller in the message. Reads both, changes nothing."""
+    if isinstance(draft, EagleHead):
+        check_head(draft, target)
+        return
+    if not callable(draft) or not hasattr(draft, "config"):
+        raise TypeError(f"{owner}: draft must be a transformers causal LM or an EagleHead; got {type(draft).__name__}")
+    sizes = (getattr(draft.config, "vocab_size", None), getattr(target.config, "vocab_size", None))
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"{owner}: the draft's vocabulary ({sizes[0]}) differs from the target's ({sizes[1]}); "
+                         f"they must share a tokenizer")

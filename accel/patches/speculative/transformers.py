@@ -35,17 +35,10 @@ class SpeculativeCausalLM(MethodPatch):
 
     def __init__(self, model: Any, config: Speculative) -> None:
         super().__init__(model, config)
-        from ...llm.eagle import EagleHead, check_head
+        from ...llm.speculative import check_draft
 
-        if config.draft is model:
-            pass  # the model as its own draft: every token accepted (a check, not a speed-up)
-        elif isinstance(config.draft, EagleHead):
-            check_head(config.draft, model)
-        elif config.draft is not None:
-            sizes = (getattr(config.draft.config, "vocab_size", None), getattr(model.config, "vocab_size", None))
-            if sizes[0] != sizes[1]:
-                raise ValueError(f"speculative: the draft's vocabulary ({sizes[0]}) differs from the model's "
-                                 f"({sizes[1]}); the two must share a tokenizer")
+        if config.draft is not None:  # the model as its own draft passes: every token accepted (a check)
+            check_draft(config.draft, model, "speculative")
 
     @classmethod
     def matches(cls, obj: Any) -> bool:
@@ -53,7 +46,9 @@ class SpeculativeCausalLM(MethodPatch):
 
     def _install(self) -> None:
         self.hooks.add(self.target, self._generate, "generate")
-        drafter = "an EAGLE head" if type(self.config.draft).__name__ == "EagleHead" else "a draft model"
+        from ...llm.eagle import EagleHead
+
+        drafter = "an EAGLE head" if isinstance(self.config.draft, EagleHead) else "a draft model"
         proposer = " and ".join(([] if self.config.draft is None else [drafter]) +
                                 ([] if self.config.prompt_lookup is None else
                                  [f"prompt lookup ({self.config.prompt_lookup}-grams)"]))
