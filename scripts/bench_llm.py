@@ -68,12 +68,9 @@ def chat(tokenizer: Any, content: str) -> torch.Tensor:
 def requests(tokenizer: Any, which: str, count: int, words: int, first: int = 0) -> Dict[str, List[torch.Tensor]]:
     """{set name: [1, n] prompt ids} (held-out requests from index ``first`` on)."""
     if which == "heldout":
-        from accel.pipelines.smollm2_draft import ASSET_DIR
+        from accel.pipelines.smollm2_draft import heldout_prompts
 
-        shipped = json.loads((ASSET_DIR / "heldout_requests.json").read_text())
-        chosen = shipped["requests"][first:first + count]
-        return {"held-out docs": [chat(tokenizer, shipped["templates"][r["template"]].format(
-            " ".join(r["passage"].split()[:words]))) for r in chosen]}
+        return {"held-out docs": heldout_prompts(tokenizer, count, first, words)}
     sources = texts(count, words)
     return {"grounded": [chat(tokenizer, "Repeat the following text exactly:\n\n" + text) for text in sources],
             "open": [chat(tokenizer, "Write a short paragraph about this: " + text.split(". ")[0]) for text in sources]}

@@ -114,3 +114,16 @@ def smollm2_cache(tmp_path_factory):
         start = time.perf_counter()
         load("smollm2-135m")
         return folder, time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
+def load_built_in_lm(smollm2_cache):
+    """``accel.pipelines.load`` for the language models (the target, its draft, its EAGLE head), run
+    with this test run's cache of the converted target."""
+    from accel.pipelines import load
+
+    def loaded(name):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setenv("ACCEL_CACHE", str(smollm2_cache[0]))
+            return load(name)
+    return loaded

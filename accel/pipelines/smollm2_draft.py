@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-__all__ = ["ASSET_DIR", "SmolLM2Draft", "draft_config", "save_draft", "load_smollm2_draft"]
+__all__ = ["ASSET_DIR", "SmolLM2Draft", "draft_config", "save_draft", "load_smollm2_draft", "heldout_prompts"]
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "smollm2-draft"
 
@@ -120,3 +120,20 @@ def load_smollm2_draft(dtype: torch.dtype = torch.float32, folder: Path = ASSET_
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state)
     return model.to(dtype).eval(), load_smollm2_tokenizer()
+
+
+def heldout_prompts(tokenizer: Any, count: int, first: int = 0, words: Optional[int] = None,
+                    folder: Path = ASSET_DIR) -> List[torch.Tensor]:
+    """Chat prompts ``[1, n]`` for the shipped held-out requests ``first:first + count``
+    (``heldout_requests.json``: passages of files no training step saw, each with its explain,
+    summarise or ask-and-answer template), each passage cut to its first ``words`` words (None:
+    whole)."""
+    shipped = json.loads((folder / "heldout_requests.json").read_text())
+    out = []
+    for request in shipped["requests"][first:first + count]:
+        passage = request["passage"] if words is None else " ".join(request["passage"].split()[:words])
+        content = shipped["templates"][request["template"]].format(passage)
+        out.append(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True)["input_ids"])
+    return out
+

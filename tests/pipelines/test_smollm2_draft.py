@@ -4,36 +4,27 @@ real target, trained (it agrees with the target on held-out requests), and usabl
 own assisted generation."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import accel
-import accel.pipelines as pipelines
 from accel.llm.speculative import speculative_generate
-from accel.pipelines.smollm2_draft import ASSET_DIR
+from accel.pipelines.smollm2_draft import ASSET_DIR, heldout_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pair(smollm2_cache):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("ACCEL_CACHE", str(smollm2_cache[0]))
-        target, tokenizer = pipelines.load("smollm2-135m")
-        draft, draft_tokenizer = pipelines.load("smollm2-draft")
+def pair(load_built_in_lm):
+    target, tokenizer = load_built_in_lm("smollm2-135m")
+    draft, draft_tokenizer = load_built_in_lm("smollm2-draft")
     return target, draft, tokenizer, draft_tokenizer
 
 
 @pytest.fixture(scope="module")
 def heldout(pair):
     """Three held-out requests, as the benchmark builds them."""
-    tokenizer = pair[2]
-    shipped = json.loads((ASSET_DIR / "heldout_requests.json").read_text())
-    return [tokenizer.apply_chat_template([{"role": "user", "content": shipped["templates"][r["template"]].format(
-        r["passage"])}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-        for r in shipped["requests"][:3]]
+    return heldout_prompts(pair[2], 3)
 
 
 def test_it_is_a_small_causal_lm_over_the_targets_vocabulary(pair):

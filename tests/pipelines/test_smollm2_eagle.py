@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import accel
-import accel.pipelines as pipelines
 from accel.llm.eagle import EagleHead
 from accel.llm.speculative import speculative_generate
-from accel.pipelines.smollm2_draft import ASSET_DIR as DRAFT_DIR
+from accel.pipelines.smollm2_draft import ASSET_DIR as DRAFT_DIR, heldout_prompts
 from accel.pipelines.smollm2_eagle import ASSET_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,22 +22,16 @@ MIN_ACCEPTANCE = 0.08
 
 
 @pytest.fixture(scope="module")
-def pair(smollm2_cache):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("ACCEL_CACHE", str(smollm2_cache[0]))
-        target, tokenizer = pipelines.load("smollm2-135m")
-        head, _ = pipelines.load("smollm2-eagle")
+def pair(load_built_in_lm):
+    target, tokenizer = load_built_in_lm("smollm2-135m")
+    head, _ = load_built_in_lm("smollm2-eagle")
     return target, head, tokenizer
 
 
 @pytest.fixture(scope="module")
 def heldout(pair):
     """Three held-out requests (files no training step saw), as the benchmark builds them."""
-    tokenizer = pair[2]
-    shipped = json.loads((DRAFT_DIR / "heldout_requests.json").read_text())
-    return [tokenizer.apply_chat_template([{"role": "user", "content": shipped["templates"][r["template"]].format(
-        " ".join(r["passage"].split()[:60]))}], add_generation_prompt=True, return_tensors="pt",
-        return_dict=True)["input_ids"] for r in shipped["requests"][:3]]
+    return heldout_prompts(pair[2], 3, words=60)
 
 
 def test_it_is_one_small_layer_shaped_for_the_target(pair):
