@@ -13,7 +13,11 @@ Prompt sets:
   find) and open ("Write a short paragraph about ...", where it mostly does not).
 
 Baselines: the target's own ``generate``, and accel's loop with no drafting (``num_draft_tokens=0``,
-one target pass per token), which separates the loop's overhead from what speculation gains.
+one target pass per token), which separates the loop and its matrix products from what
+speculation gains. accel's passes run the target's linear layers by
+``accel.kernels.few_rows_linear`` (``few_rows=True``, the default), which is faster than
+``F.linear`` on this CPU for a few rows; the rows marked "F.linear" run with ``few_rows=False``,
+to show what each part gives.
 Greedy rows are compared token for token with ``generate``'s; sampled rows (``--sample``) are
 seeded alike, and their distribution is what the tests check. Speedup is tokens/s over
 ``generate``'s: sampled variants may stop after different numbers of tokens.
@@ -134,9 +138,10 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
                 draft.generation_config = saved
         return run
 
-    out = {"generate": generate()}
+    out = {"generate": generate(),
+           "accel loop, no draft": accel(prompt_lookup=3, num_draft_tokens=0),
+           "accel loop, no draft, F.linear": accel(prompt_lookup=3, num_draft_tokens=0, few_rows=False)}
     if draft is not None:
-        out["accel loop, no draft"] = accel(prompt_lookup=3, num_draft_tokens=0)
         out["accel shipped draft"] = accel(draft=draft)
         out["accel shipped draft + prompt lookup"] = accel(draft=draft, prompt_lookup=args.ngram)
         if args.confidence:
@@ -149,6 +154,8 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
     if head is not None:
         out["accel shipped EAGLE head"] = accel(draft=head)
         out["accel shipped EAGLE head + prompt lookup"] = accel(draft=head, prompt_lookup=args.ngram)
+        out["accel shipped EAGLE head + prompt lookup, F.linear"] = accel(draft=head, prompt_lookup=args.ngram,
+                                                                          few_rows=False)
     if args.lookup:
         out["accel prompt lookup"] = accel(prompt_lookup=args.ngram)
         out["transformers prompt lookup"] = generate(prompt_lookup_num_tokens=k)
@@ -157,22 +164,31 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
     return out
 
 
-def pass_costs(model: Any, draft: Any, head: Any, context: int = 200, repeats: int = 15) -> Dict[str, float]:
+WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 40, 64, 256)
+
+
+def pass_costs(model: Any, draft: Any, head: Any, context: int = 200, repeats: int = 15,
+               widths: Tuple[int, ...] = WIDTHS) -> Dict[str, float]:
     """Median milliseconds of the pieces of a speculative pass after ``context`` tokens, interleaved:
-    the target checking 1 to 8 positions on its KV cache, a draft-model step, and an EAGLE head's
+    the target checking 1 to 8, 16, 40, 64 and 256 positions on its KV cache (its linear layers by
+    ``F.linear`` and by ``accel.kernels.few_rows_linear``), a draft-model step, and an EAGLE head's
     proposals of 1 and 4 tokens (``--costs``)."""
     from accel.llm.eagle import EagleProposer
-    from accel.llm.speculative import _forward
+    from accel.llm.speculative import _forward, few_rows_linears
 
     ids = torch.randint(100, 5000, (1, context), generator=torch.Generator().manual_seed(0))
     pieces: Dict[str, Callable[[], Any]] = {}
     _, cache = _forward(model, ids, None, keep=1)
 
-    def check(width: int) -> None:
-        _forward(model, ids[:, :width], cache)
+    checked = torch.randint(100, 5000, (1, max(widths)), generator=torch.Generator().manual_seed(1))
+
+    def check(width: int, few_rows: bool) -> None:
+        with few_rows_linears(model, few_rows):
+            _forward(model, checked[:, :width], cache)
         cache.crop(-width)
-    for width in range(1, 9):
-        pieces[f"target, {width} positions"] = functools.partial(check, width)
+    for width in widths:
+        pieces[f"target, {width} positions, F.linear"] = functools.partial(check, width, False)
+        pieces[f"target, {width} positions, few_rows_linear"] = functools.partial(check, width, True)
     if draft is not None:
         _, small = _forward(draft, ids, None, keep=1)
 
@@ -199,7 +215,8 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="index of the first held-out request used")
     parser.add_argument("--words", type=int, default=60, help="words of text per prompt")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens proposed per pass (every proposer)")
+    parser.add_argument("--draft-tokens", type=int, default=3,
+                        help="tokens proposed per pass (every proposer); 3 measured best on requests 8-15")
     parser.add_argument("--confidence", type=float, default=0.0,
                         help="also run the shipped draft with prompt lookup and this draft_confidence (adaptive length)")
     parser.add_argument("--ngram", type=int, default=3, help="accel's prompt-lookup n-gram length")
@@ -218,7 +235,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="two short prompts per set, 8 tokens, 1 round: a smoke run")
     parser.add_argument("--costs", action="store_true",
-                        help="time the pieces of a pass instead (target checking 1-8 positions, draft steps)")
+                        help="time the pieces of a pass instead (target checking 1-256 positions, draft steps)")
     parser.add_argument("--out", type=Path, default=None, help="JSON record")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -239,7 +256,8 @@ def main() -> None:
           f"drafted per pass; load average {record['load average']:.2f}", flush=True)
     if args.costs:
         with torch.inference_mode():
-            record["costs_ms"] = pass_costs(model, draft, head, repeats=3 if args.quick else 15)
+            record["costs_ms"] = pass_costs(model, draft, head, repeats=3 if args.quick else 15,
+                                            widths=(1, 4) if args.quick else WIDTHS)
         print("\n".join(f"{name}: {ms:.2f} ms" for name, ms in record["costs_ms"].items()))
         if args.out:
             args.out.write_text(json.dumps(record, indent=2) + "\n")

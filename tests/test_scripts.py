@@ -112,14 +112,12 @@ def test_bench_llm_measures_the_shipped_draft_and_prompt_lookup_against_generate
            "--threads", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env=env)
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"generate", "accel loop, no draft", "accel shipped draft", "accel prompt lookup",
-                         "accel shipped draft + prompt lookup", "accel shipped EAGLE head",
-                         "accel shipped EAGLE head + prompt lookup",
-                         "transformers assistant_model (its defaults)", "transformers assistant_model (same k)",
-                         "transformers prompt lookup"}
-    for variant in ("accel loop, no draft", "accel shipped draft", "accel prompt lookup",
-                    "accel shipped draft + prompt lookup", "accel shipped EAGLE head",
-                    "accel shipped EAGLE head + prompt lookup"):
+    ours = {"accel loop, no draft", "accel loop, no draft, F.linear", "accel shipped draft", "accel prompt lookup",
+            "accel shipped draft + prompt lookup", "accel shipped EAGLE head", "accel shipped EAGLE head + prompt lookup",
+            "accel shipped EAGLE head + prompt lookup, F.linear"}
+    assert set(rows) == ours | {"generate", "transformers assistant_model (its defaults)",
+                                "transformers assistant_model (same k)", "transformers prompt lookup"}
+    for variant in ours:
         ours = rows[variant]
         assert ours["batch"] == 2 and ours["equal to generate"] == "yes" and ours["tokens/s"] > 0, variant
     assert "acceptance" not in rows["accel loop, no draft"]  # nothing drafted
@@ -129,9 +127,9 @@ def test_bench_llm_measures_the_shipped_draft_and_prompt_lookup_against_generate
 
 
 def test_bench_llm_measures_the_shipped_eagle_head_and_the_costs_of_a_pass(tmp_path, smollm2_cache):
-    """At batch size 1 the shipped EAGLE head's rows (alone and with prompt lookup) equal greedy
-    generate's tokens; ``--costs`` times the target checking 1 to 8 positions and the proposers'
-    steps."""
+    """At batch size 1 the shipped EAGLE head's rows (alone and with prompt lookup, with
+    ``few_rows_linear`` and with ``F.linear``) equal greedy generate's tokens; ``--costs`` times the
+    target checking positions both ways and the proposers' steps."""
     import os
 
     env = dict(os.environ, ACCEL_CACHE=str(smollm2_cache[0]))
@@ -139,11 +137,15 @@ def test_bench_llm_measures_the_shipped_eagle_head_and_the_costs_of_a_pass(tmp_p
     base = [sys.executable, str(ROOT / "scripts" / "bench_llm.py"), "--quick", "--threads", "1", "--out", str(out)]
     subprocess.run(base + ["--no-draft"], check=True, capture_output=True, text=True, timeout=300, env=env)
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"generate", "accel shipped EAGLE head", "accel shipped EAGLE head + prompt lookup"}
-    for variant in ("accel shipped EAGLE head", "accel shipped EAGLE head + prompt lookup"):
+    eagle = {"accel shipped EAGLE head", "accel shipped EAGLE head + prompt lookup",
+             "accel shipped EAGLE head + prompt lookup, F.linear"}
+    assert set(rows) == eagle | {"generate", "accel loop, no draft", "accel loop, no draft, F.linear"}
+    for variant in eagle:
         assert rows[variant]["equal to generate"] == "yes" and rows[variant]["mean accepted length"] >= 1, variant
     subprocess.run(base + ["--costs"], check=True, capture_output=True, text=True, timeout=300, env=env)
     costs = json.loads(out.read_text())["costs_ms"]
-    assert [f"target, {w} positions" for w in range(1, 9)] == list(costs)[:8]
+    assert [f"target, {w} positions, {how}" for w in (1, 4) for how in ("F.linear", "few_rows_linear")] == \
+        list(costs)[:4]
     assert {"draft model, one step", "EAGLE head, 1 proposed", "EAGLE head, 4 proposed"} <= set(costs)
     assert all(ms > 0 for ms in costs.values())
+

@@ -127,6 +127,37 @@ def test_no_drafting_runs_the_loop_one_target_pass_per_token():
     assert out.stats["target_calls"] == 10 and out.stats["drafted"] == 0
 
 
+def test_few_rows_linears_hook_every_linear_layer_inside_and_none_after():
+    """Inside, each ``nn.Linear`` of the model (7 in each of its 2 layers, and the output layer) runs
+    ``few_rows_linear``: a few rows come out as ``weight @ x^T`` computes them. Afterwards, and
+    after an error inside, the model is as it was."""
+    from accel.hooks import hooked_methods
+    from accel.llm.speculative import few_rows_linears
+
+    target = causal_lm()
+    linears = [m for m in target.modules() if type(m) is torch.nn.Linear]
+    layer, x = linears[0], torch.randn(1, 3, 32, dtype=torch.float64)
+    with few_rows_linears(target) as hooked:
+        assert hooked == len(linears) == 2 * 7 + 1
+        assert torch.equal(layer(x), torch.mm(layer.weight, x[0].t()).t()[None])
+    with pytest.raises(RuntimeError, match="inside"):
+        with few_rows_linears(target):
+            raise RuntimeError("inside")
+    with few_rows_linears(target, on=False) as hooked:
+        assert hooked == 0
+    assert all(not hooked_methods(m) and "forward" not in vars(m) for m in linears)
+
+
+@pytest.mark.parametrize("few_rows", [True, False])
+def test_either_way_of_computing_linears_gives_the_targets_greedy_tokens(few_rows):
+    target, draft, ids = causal_lm(seed=0), causal_lm(seed=1, layers=1), prompt(seed=21)
+    out = speculative_generate(target, ids, draft=draft, prompt_lookup=2, num_draft_tokens=3, max_new_tokens=16,
+                               few_rows=few_rows)
+    assert torch.equal(out.sequences, greedy(target, ids, 16))
+    with pytest.raises(TypeError, match="few_rows must be a bool"):
+        speculative_generate(target, ids, draft=draft, few_rows="yes")
+
+
 def reference_adaptive(target, draft, ids, k, confidence, new, lookup=None):
     """Greedy speculative decoding with an adaptive draft, slowly: no caches, every forward over
     the whole sequence; the draft stops after a token whose probability is below ``confidence``.
@@ -236,6 +267,24 @@ def test_patched_generate_passes_the_draft_confidence():
     assert out[0].tolist() == expected[0] and (stats["drafted"], stats["accepted"]) == expected[1:]
     with pytest.raises(ValueError, match=r"draft_confidence must be a float in \[0, 1\)"):
         accel.patch(target, speculative={"draft": draft, "draft_confidence": -0.1})
+    assert not accel.describe(target)["methods"]
+
+
+@pytest.mark.parametrize("few_rows", [True, False])
+def test_patched_generate_passes_few_rows(few_rows):
+    """The setting reaches the loop: the model's linear layers are hooked during its passes or not."""
+    import accel
+    from accel.hooks import hooked_methods
+
+    target, ids = causal_lm(seed=0), prompt(seed=8)
+    expected, seen = greedy(target, ids, 6), []
+    target.lm_head.register_forward_pre_hook(lambda module, args: seen.append(bool(hooked_methods(module))))
+    with accel.patched(target, speculative={"prompt_lookup": 2, "few_rows": few_rows}):
+        out = target.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, expected)
+    assert seen and set(seen) == {few_rows} and not hooked_methods(target.lm_head)
+    with pytest.raises(TypeError, match="few_rows must be a bool; got int"):
+        accel.patch(target, speculative={"prompt_lookup": 2, "few_rows": 1})
     assert not accel.describe(target)["methods"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..settings import Settings, check_int, check_real
+from ..settings import Settings, check_bool, check_int, check_real
 
 __all__ = ["Speculative"]
 
@@ -36,6 +36,8 @@ class Speculative(Settings):
     num_draft_tokens: tokens proposed per verification pass at most, >= 1.
     draft_confidence: adaptive draft length: a draft model stops drafting (for a row) after a token
         it gave a probability below this, in [0, 1); 0 always drafts ``num_draft_tokens``.
+    few_rows: on the CPU, the model's linear layers run its passes of a few positions by
+        ``accel.kernels.few_rows_linear`` (faster there than ``F.linear``); False keeps ``F.linear``.
 
     Shorthands: ``speculative=draft_model``; ``speculative="prompt_lookup"`` (3-grams).
     Greedy (the model's own tokens) or sampled with ``do_sample=True`` (the model's own
@@ -46,6 +48,7 @@ class Speculative(Settings):
     prompt_lookup: Optional[int] = None
     num_draft_tokens: int = 4
     draft_confidence: float = 0.0
+    few_rows: bool = True
 
     METHOD = "speculative"
     EXPECTED = "a draft causal LM, an EagleHead, \"prompt_lookup\", or a dict of settings"
@@ -64,6 +67,7 @@ class Speculative(Settings):
         object.__setattr__(self, "draft_confidence", check_real("Speculative", "draft_confidence",
                                                                 self.draft_confidence, lambda v: 0 <= v < 1,
                                                                 "a float in [0, 1)"))
+        object.__setattr__(self, "few_rows", check_bool("Speculative", "few_rows", self.few_rows))
 
     @classmethod
     def from_shorthand(cls, value: Any) -> Optional[Dict[str, Any]]:
