@@ -149,3 +149,18 @@ def test_bench_llm_measures_the_shipped_eagle_head_and_the_costs_of_a_pass(tmp_p
     assert {"draft model, one step", "EAGLE head, 1 proposed", "EAGLE head, 4 proposed"} <= set(costs)
     assert all(ms > 0 for ms in costs.values())
 
+
+def test_bench_moe_times_every_experts_backend_and_compares_outputs(tmp_path):
+    """Small shapes: every backend (transformers' three and accel's) timed at both sizes, each
+    output equal to eager's, and accel's row set against the best of transformers'."""
+    out = tmp_path / "moe.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_moe.py"), "--quick", "--threads", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["shape"], r["tokens"], r["backend"]) for r in rows} == {
+        (shape, tokens, backend) for shape in ("mixtral-like", "deepseek-like") for tokens in (8, 64)
+        for backend in ("eager", "batched_mm", "grouped_mm", "accel")}
+    for row in rows:
+        assert row["ms"] > 0 and row["max |diff| vs eager"] < 1e-4, row
+        if row["backend"] == "accel":
+            assert row["best transformers"] in ("eager", "batched_mm", "grouped_mm") and row["vs best transformers"] > 0

@@ -11,6 +11,8 @@ heads (``eagle``), and a shipped draft and EAGLE head for the built-in model
 (``accel.pipelines.load("smollm2-draft")``, ``load("smollm2-eagle")``); continuous
 batching of an unmodified transformers model (``batching.ContinuousBatcher``) over a paged KV cache
 (``paged_kv``: block pool, prefix hashing, copy-on-write; ``paged_attention``: registered in
-transformers' attention registry during a step). Still to come: trained exit adapters for
-self-speculation (issue 15), Mixture of Experts (17) and Mixture of Depths (18).
+transformers' attention registry during a step); Mixture of Experts (``moe``: the routings of
+Mixtral, Qwen2-MoE and DeepSeek-V3, capacity, a grouped dispatch registered as a transformers
+experts backend, ``MoEBlock``, sparse upcycling). Still to come: trained exit adapters for
+self-speculation (issue 15), MoE's Triton grouped-GEMM kernel (17) and Mixture of Depths (18).
 """
