@@ -1,7 +1,7 @@
 """Mixture-of-Experts dispatch: accel's experts backend against transformers' own (``eager``,
 ``batched_mm``, ``grouped_mm``) on one experts module, interleaved, medians.
 
-Shapes (scaled to fit a 2-core CPU; float32):
+Shapes (scaled to fit a 2-core CPU; float32 unless ``--dtype``):
 - mixtral-like: 8 experts, top-2, hidden 1024, expert width 3584 (Mixtral-8x7B: 4096 and 14336);
 - deepseek-like: 64 experts, top-6, hidden 1024, expert width 512 (DeepSeek-V3: 256 experts,
   top-8, 7168 and 2048).
@@ -13,6 +13,7 @@ is compared with eager's.
 that is hundreds of gigabytes, so it is left out there (the table says so).
 
     python scripts/bench_moe.py                     # both shapes, decode and prefill
+    python scripts/bench_moe.py --device cuda --dtype bfloat16   # on a GPU: accel runs its Triton kernel
     python scripts/bench_moe.py --quick             # small shapes, 1 round: a smoke run (tests)
 """
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[8, 4096], help="token counts (decode, prefill)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--quick", action="store_true", help="small shapes, 1 round: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="JSON record")
     args = parser.parse_args()
@@ -68,18 +71,20 @@ def main() -> None:
     if args.quick:
         args.tokens, args.repeats = [8, 64], 1
     moe.register()
-    record: Dict[str, Any] = {"machine": machine_description("transformers"),
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    record: Dict[str, Any] = {"machine": machine_description("transformers", device=device), "dtype": args.dtype,
                               "command": " ".join(["python scripts/bench_moe.py"] + sys.argv[1:]),
                               "load average": os.getloadavg()[0], "rows": []}
     print(f"{record['machine']}; load average {record['load average']:.2f}", flush=True)
     try:
         for name, shape in shapes.items():
-            module = experts_module(shape)
+            module = experts_module(shape).to(device=device, dtype=dtype)
             for tokens in args.tokens:
                 generator = torch.Generator().manual_seed(tokens)
-                hidden = torch.randn(tokens, shape["hidden"], generator=generator)
+                hidden = torch.randn(tokens, shape["hidden"], generator=generator).to(device=device, dtype=dtype)
                 logits = torch.randn(tokens, shape["experts"], generator=generator)
-                weights, chosen = moe.softmax_top_k(logits, shape["top_k"])
+                weights, chosen = (t.to(device) for t in moe.softmax_top_k(logits, shape["top_k"]))
                 gathered_gb = tokens * shape["top_k"] * 3 * shape["hidden"] * shape["inner"] * 4 / 1e9
                 backends: List[str] = [b for b in BACKENDS if not (b == "batched_mm" and gathered_gb > 8)]
                 outputs: Dict[str, torch.Tensor] = {}
@@ -88,13 +93,14 @@ def main() -> None:
                     module.config._experts_implementation = backend
                     outputs[backend] = module(hidden, chosen, weights)
                 with torch.inference_mode():
-                    timings = time_interleaved({b: (lambda b=b: run(b)) for b in backends}, repeats=args.repeats)
+                    timings = time_interleaved({b: (lambda b=b: run(b)) for b in backends}, repeats=args.repeats,
+                                               sync=sync)
                 for backend in BACKENDS:
                     row: Dict[str, Any] = {"shape": name, "tokens": tokens, "backend": backend}
                     if backend in timings:
                         row["ms"] = 1e3 * timings[backend].median_s
                         row["vs eager"] = timings["eager"].median_s / timings[backend].median_s
-                        row["max |diff| vs eager"] = float((outputs[backend] - outputs["eager"]).abs().max())
+                        row["max |diff| vs eager"] = float((outputs[backend].float() - outputs["eager"].float()).abs().max())
                     else:
                         row["note"] = f"left out: would gather {gathered_gb:.0f} GB of expert weights"
                     record["rows"].append(row)

@@ -40,9 +40,9 @@ with every pair dropped passing on the residual), ``jitter``, ``load_balancing_l
 ``router_z_loss``. ``MoEBlock`` puts a router, experts, capacity and shared experts together, and
 ``upcycle`` turns a dense causal LM's MLPs into such blocks (Komatsuzaki et al.).
 
-**Built so far** (issue 17): all of the above, tested against transformers' own Mixtral,
-Qwen2-MoE and DeepSeek-V3 blocks, and ``scripts/bench_moe.py``. Still to come: the Triton
-grouped-GEMM kernel for CUDA and GPU figures.
+On CUDA the dispatch runs ``accel.kernels.grouped_matmul``'s Triton kernel (after vLLM's
+``fused_moe``: pairs padded per expert to blocks, rows gathered in the kernel's prologue, the
+routing weight applied in its epilogue), tested in Triton's CPU interpreter; no GPU figures yet.
 """
 from __future__ import annotations
 
@@ -175,14 +175,23 @@ def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Cal
 
 
 def grouped_experts(hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
-                    down_proj: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> torch.Tensor:
+                    down_proj: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor] = F.silu, *,
+                    backend: Optional[str] = None) -> torch.Tensor:
     """``sum_j weights[t, j] * expert_{experts[t, j]}(hidden[t])`` for ``hidden [T, H]``, ``experts,
     weights [T, k]``, with SwiGLU experts ``down(act(gate) * up)`` in transformers' layout
     (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``). The pairs are sorted by expert once; each
     expert's segment of tokens is gathered, run as one product per weight, weighted, and added into
     its tokens' rows. Ids outside ``[0, E)`` (dropped pairs, or another rank's experts) contribute
-    nothing."""
+    nothing.
+
+    ``backend`` (as ``accel.kernels``'): on CUDA (or ``"triton"``) the two products run as
+    ``accel.kernels.grouped_matmul``'s Triton kernel over a block-aligned layout; elsewhere (or
+    ``"torch"``) the loop above."""
+    from ..kernels.dispatch import select
     from ..kernels.linear import few_rows_linear
+
+    if select("grouped_matmul", hidden, backend) == "triton":
+        return _grouped_experts_kernel(hidden, experts, weights, gate_up_proj, down_proj, act)
 
     top_k = experts.shape[1]
     count = gate_up_proj.shape[0]
@@ -202,6 +211,26 @@ def grouped_experts(hidden: torch.Tensor, experts: torch.Tensor, weights: torch.
             out.index_add_(0, tokens, y * pair_weights[start:start + size, None])
             start += size
     return out
+
+
+def _grouped_experts_kernel(hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                            gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                            act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``grouped_experts`` on the Triton kernel: the pairs laid out in blocks of one expert each
+    (``align_pairs``), the first product gathering each pair's token row, the second weighting each
+    pair, then each token's ``k`` rows summed."""
+    from ..kernels.grouped_matmul import align_pairs, grouped_matmul
+
+    tokens, top_k = experts.shape
+    pairs_count = tokens * top_k
+    block = 16 if pairs_count <= 16 * gate_up_proj.shape[0] else 64  # decode: little padding; prefill: bigger tiles
+    pairs, block_experts = align_pairs(experts, gate_up_proj.shape[0], block)
+    up = grouped_matmul(hidden, gate_up_proj, pairs, block_experts, block, pairs_count, top_k, backend="triton")
+    gate, value = up.chunk(2, dim=-1)
+    inner = act(gate) * value
+    out = grouped_matmul(inner, down_proj, pairs, block_experts, block, pairs_count, 1,
+                         weights.reshape(-1).to(hidden.dtype), backend="triton")
+    return out.view(tokens, top_k, -1).sum(dim=1)
 
 
 def loop_experts(hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,

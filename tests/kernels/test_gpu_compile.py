@@ -132,10 +132,23 @@ CALLS = [
                    kernels.compact_tokens(*tensors((2, 17, 24), dtype=dtype), torch.rand(2, 17) < 0.5,
                                           backend="triton")],
     lambda dtype: paged_attention_step(dtype),
+    lambda dtype: grouped_matmul_both(dtype),
 ]
 KERNELS = ["best_match", "weighted_merge", "merge_targets", "merge_rows", "biased_attention", "mean_merge",
            "amax_merge", "unmerge", "mean_merge2d", "unmerge2d", "gather_tokens", "scatter_tokens", "compact_tokens",
-           "packed_paged_attention"]
+           "packed_paged_attention", "grouped_matmul"]
+
+
+def grouped_matmul_both(dtype):
+    """MoE's two products: token rows gathered (no weights), then pair rows weighted (a constexpr
+    branch); 3 tokens, top-2 of 4 experts."""
+    from accel.kernels.grouped_matmul import align_pairs, grouped_matmul
+
+    pairs, block_experts = align_pairs(torch.tensor([[0, 2], [1, 2], [3, 0]]), 4, 16)
+    x, gate_up, down = tensors((3, 64), (4, 96, 64), (4, 64, 48), dtype=dtype)
+    grouped_matmul(x, gate_up, pairs, block_experts, 16, 6, 2, backend="triton")
+    grouped_matmul(*tensors((6, 48), dtype=dtype), down, pairs, block_experts, 16, 6, 1, torch.ones(6, dtype=dtype),
+                   backend="triton")
 
 
 def merge_and_unmerge_2d(dtype):
