@@ -308,6 +308,8 @@ class MoEBlock(nn.Module):
             check_real("MoEBlock", "capacity_factor", capacity_factor, lambda v: 0 < v < float("inf"),
                        "a finite float > 0, or None")
         check_real("MoEBlock", "jitter_noise", jitter_noise, lambda v: 0 <= v < 1, "a float in [0, 1)")
+        if routing == "sigmoid":  # groups and top_groups checked now, not at the first forward
+            sigmoid_group_top_k(torch.zeros(1, num_experts), None, top_k, groups, top_groups)
         self.num_experts, self.top_k, self.routing, self.normalize = num_experts, top_k, routing, normalize
         self.groups, self.top_groups, self.scale = groups, top_groups, scale
         self.capacity_factor, self.jitter_noise, self.act = capacity_factor, jitter_noise, act

@@ -340,6 +340,8 @@ def test_bad_block_settings_are_refused_by_name():
         moe.MoEBlock(8, 6, 4, 2, capacity_factor=-1.0)
     with pytest.raises(ValueError, match="routing must be one of"):
         moe.MoEBlock(8, 6, 4, 2, routing="argmax")
+    with pytest.raises(ValueError, match="groups must divide the number of experts"):
+        moe.MoEBlock(8, 6, 4, 2, routing="sigmoid", groups=3)
 
 
 # -- sparse upcycling ------------------------------------------------------------------------------
