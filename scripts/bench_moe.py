@@ -85,14 +85,23 @@ def main() -> None:
                 hidden = torch.randn(tokens, shape["hidden"], generator=generator).to(device=device, dtype=dtype)
                 logits = torch.randn(tokens, shape["experts"], generator=generator)
                 weights, chosen = (t.to(device) for t in moe.softmax_top_k(logits, shape["top_k"]))
-                gathered_gb = tokens * shape["top_k"] * 3 * shape["hidden"] * shape["inner"] * 4 / 1e9
+                size = hidden.element_size()
+                gathered_gb = tokens * shape["top_k"] * 3 * shape["hidden"] * shape["inner"] * size / 1e9
                 backends: List[str] = [b for b in BACKENDS if not (b == "batched_mm" and gathered_gb > 8)]
+                notes = {b: f"left out: would gather {gathered_gb:.0f} GB of expert weights"
+                         for b in BACKENDS if b not in backends}
                 outputs: Dict[str, torch.Tensor] = {}
 
                 def run(backend: str) -> None:
                     module.config._experts_implementation = backend
                     outputs[backend] = module(hidden, chosen, weights)
                 with torch.inference_mode():
+                    for backend in list(backends):  # a backend this device or dtype refuses is recorded, not fatal
+                        try:
+                            run(backend)
+                        except Exception as error:  # noqa: BLE001 - reported in the table
+                            notes[backend] = f"failed: {type(error).__name__}: {str(error)[:80]}"
+                            backends.remove(backend)
                     timings = time_interleaved({b: (lambda b=b: run(b)) for b in backends}, repeats=args.repeats,
                                                sync=sync)
                 for backend in BACKENDS:
@@ -102,7 +111,7 @@ def main() -> None:
                         row["vs eager"] = timings["eager"].median_s / timings[backend].median_s
                         row["max |diff| vs eager"] = float((outputs[backend].float() - outputs["eager"].float()).abs().max())
                     else:
-                        row["note"] = f"left out: would gather {gathered_gb:.0f} GB of expert weights"
+                        row["note"] = notes[backend]
                     record["rows"].append(row)
                 best = min((r for r in record["rows"] if r["shape"] == name and r["tokens"] == tokens
                             and "ms" in r and r["backend"] != moe.BACKEND), key=lambda r: r["ms"])
