@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import random
 import re
 import sys
@@ -44,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accel.pipelines.smollm2_draft import ASSET_DIR, SmolLM2Draft, draft_config, save_draft  # noqa: E402
+from accel.pipelines.training import load_state, save_state, warm_cosine  # noqa: E402
 
 TEMPLATES = ("Explain what this passage from the Python documentation says, in plain words:\n\n{}",
              "Summarise the following text:\n\n{}",
@@ -165,12 +165,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
         init_from_target(model, kept)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     state_path = work / "train_state.pt"
-    step = 0
-    if state_path.is_file():
-        state = torch.load(state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = load_state(state_path, model, optimizer, "model")
     to_draft = model.full_to_draft
     text = corpus["train_ids"].long()
     rng = torch.Generator().manual_seed(step)
@@ -180,7 +175,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
     while step < args.steps:
         if step % 200 == 0:
             rows = distilled(work)  # picks up new shards as they land
-        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        lr = warm_cosine(args.lr, step, 100, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids, labels = batch(text, rows, args, rng)
@@ -199,9 +194,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
                   f"{len(rows)} distilled answers", flush=True)
             began, losses = time.perf_counter(), []
         if step % args.save_every == 0 or step == args.steps:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                       state_path.with_suffix(".tmp"))
-            state_path.with_suffix(".tmp").replace(state_path)
+            save_state(state_path, model, optimizer, step, "model")
 
 
 def batch(text: torch.Tensor, rows: List[Any], args: argparse.Namespace, rng: torch.Generator):

@@ -23,7 +23,6 @@ Stages (each resumable; ``all`` runs them in order):
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accel.llm.eagle import EagleHead, save_eagle_head  # noqa: E402
+from accel.pipelines.training import load_state, save_state, warm_cosine  # noqa: E402
 
 ASSET = ROOT / "assets" / "smollm2-eagle"
 
@@ -139,20 +139,15 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
     head = make_head(target, kept, args)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     state_path = work / "train_state.pt"
-    step = 0
-    if state_path.is_file():
-        state = torch.load(state_path)
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    elif args.resume_from:
+    step = load_state(state_path, head, optimizer, "head")
+    if not state_path.is_file() and args.resume_from:
         head.load_state_dict(torch.load(args.resume_from)["head"])
     rng = random.Random(step)
     count = len(data["ids"])
     began, seen = time.perf_counter(), []
     head.train()
     while step < args.steps:
-        lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        lr = warm_cosine(args.lr, step, 50, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         picks = [rng.randrange(count) for _ in range(args.batch)]
@@ -180,9 +175,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
                   f"{tokens / (time.perf_counter() - began):.0f} tokens/s", flush=True)
             began, seen = time.perf_counter(), []
         if step % args.save_every == 0 or step == args.steps:
-            torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                       state_path.with_suffix(".tmp"))
-            state_path.with_suffix(".tmp").replace(state_path)
+            save_state(state_path, head, optimizer, step, "head")
 
 
 @torch.no_grad()

@@ -37,6 +37,13 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def warm_cosine(lr: float, step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """The learning rate of ``step``: ``lr`` times a linear warm-up over the first ``warmup`` steps,
+    times a cosine over all ``total`` steps from 1 down to ``floor`` (the schedule of the built-in
+    language model's draft and EAGLE head; ``lr_factor`` is the vision scripts')."""
+    return lr * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup: int, total: int):
     """AdamW without decay on biases, norms and embeddings, and its warm-up/cosine schedule."""
     decay, no_decay = [], []
@@ -88,6 +95,25 @@ class Checkpoint:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "step": step}, tmp)
         tmp.replace(self.path)
+
+
+def load_state(path: Path, module: torch.nn.Module, optimizer: Any, key: str) -> int:
+    """Resume from a file written by ``save_state`` (module under ``key``, optimiser, step): the step
+    to continue from, 0 without the file. The language-model scripts' format, which has no
+    schedule state (their schedule is a function of the step); ``Checkpoint`` is the vision one."""
+    if not Path(path).is_file():
+        return 0
+    state = torch.load(path)
+    module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def save_state(path: Path, module: torch.nn.Module, optimizer: Any, step: int, key: str) -> None:
+    """Write ``module`` (under ``key``), ``optimizer`` and ``step`` to ``path`` atomically."""
+    path = Path(path)
+    torch.save({key: module.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
