@@ -69,6 +69,15 @@ def _check_top_k(owner: str, top_k: Any, experts: int) -> int:
     return top_k
 
 
+def _check_capacity(owner: str, capacity_factor: Any, optional: bool = True) -> None:
+    """A capacity factor: a finite float > 0 (or None, no limit, where ``optional``)."""
+    from ..patches.settings import check_real
+
+    if capacity_factor is not None or not optional:
+        check_real(owner, "capacity_factor", capacity_factor, lambda v: 0 < v < float("inf"),
+                   "a finite float > 0" + (", or None" if optional else ""))
+
+
 def softmax_top_k(logits: torch.Tensor, top_k: int, normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Router ``logits [T, E]`` -> (weights ``[T, k]`` float32, experts ``[T, k]``): the ``top_k``
     largest softmax probabilities, renormalised to sum to 1 when ``normalize`` (Mixtral; Qwen2-MoE
@@ -132,10 +141,7 @@ def apply_capacity(experts: torch.Tensor, weights: torch.Tensor, num_experts: in
     over capacity is dropped: its expert becomes -1 and its weight 0, so the dispatch skips it and
     a token with every pair dropped passes on the residual alone. Returns (experts, weights, kept
     ``[T, k]`` bool)."""
-    from ..patches.settings import check_real
-
-    check_real("apply_capacity", "capacity_factor", capacity_factor, lambda v: 0 < v < float("inf"),
-               "a finite float > 0")
+    _check_capacity("apply_capacity", capacity_factor, optional=False)
     tokens, top_k = experts.shape
     capacity = math.ceil(capacity_factor * tokens * top_k / num_experts)
     ranked = experts.t().reshape(-1)  # all first choices, then all second choices, ...
@@ -304,9 +310,7 @@ class MoEBlock(nn.Module):
         check_int("MoEBlock", "num_experts", num_experts, 1)
         _check_top_k("MoEBlock", top_k, num_experts)
         check_choice("MoEBlock", "routing", routing, ("softmax", "sigmoid"))
-        if capacity_factor is not None:
-            check_real("MoEBlock", "capacity_factor", capacity_factor, lambda v: 0 < v < float("inf"),
-                       "a finite float > 0, or None")
+        _check_capacity("MoEBlock", capacity_factor)
         check_real("MoEBlock", "jitter_noise", jitter_noise, lambda v: 0 <= v < 1, "a float in [0, 1)")
         if routing == "sigmoid":  # groups and top_groups checked now, not at the first forward
             sigmoid_group_top_k(torch.zeros(1, num_experts), None, top_k, groups, top_groups)
@@ -387,9 +391,7 @@ def upcycle(model: Any, num_experts: int, top_k: int, *, capacity_factor: Option
     check_int("upcycle", "num_experts", num_experts, 1)
     _check_top_k("upcycle", top_k, num_experts)
     check_real("upcycle", "router_std", router_std, lambda v: 0 <= v < float("inf"), "a finite float >= 0")
-    if capacity_factor is not None:
-        check_real("upcycle", "capacity_factor", capacity_factor, lambda v: 0 < v < float("inf"),
-                   "a finite float > 0, or None")
+    _check_capacity("upcycle", capacity_factor)
     mlps = _dense_mlps(model)
     generator = torch.Generator().manual_seed(seed)
     for layer, mlp in mlps:

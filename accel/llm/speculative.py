@@ -50,6 +50,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Un
 
 import torch
 
+from ..kernels.linear import takes_few_rows, weight_left_linear
 from .eagle import EagleHead, EagleProposer, check_head
 
 __all__ = ["SpeculativeOutput", "Sampler", "speculative_generate", "verify_sampled", "prompt_lookup_proposal",
@@ -87,10 +88,8 @@ def _keywords(model_class: type) -> Tuple[str, bool]:
 
 
 def _few_rows_hook(module: Any, call_next: Any, x: torch.Tensor) -> torch.Tensor:
-    from ..kernels.linear import few_rows_linear, takes_few_rows
-
     if takes_few_rows(x, module.weight):
-        return few_rows_linear(x, module.weight, module.bias)
+        return weight_left_linear(x, module.weight, module.bias)
     return call_next(x)
 
 
