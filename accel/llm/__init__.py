@@ -13,6 +13,7 @@ batching of an unmodified transformers model (``batching.ContinuousBatcher``) ov
 (``paged_kv``: block pool, prefix hashing, copy-on-write; ``paged_attention``: registered in
 transformers' attention registry during a step); Mixture of Experts (``moe``: the routings of
 Mixtral, Qwen2-MoE and DeepSeek-V3, capacity, a grouped dispatch registered as a transformers
-experts backend, ``MoEBlock``, sparse upcycling). Still to come: trained exit adapters for
-self-speculation (issue 15), MoE's Triton grouped-GEMM kernel (17) and Mixture of Depths (18).
+experts backend, ``MoEBlock``, sparse upcycling); Mixture of Depths (``mod``: top-k routing per
+sequence through chosen layers, causal predictors and per-layer KV caches for decoding). Still to
+come: trained exit adapters for self-speculation (issue 15).
 """
