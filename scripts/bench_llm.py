@@ -156,6 +156,9 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
         out["accel shipped EAGLE head + prompt lookup"] = accel(draft=head, prompt_lookup=args.ngram)
         out["accel shipped EAGLE head + prompt lookup, F.linear"] = accel(draft=head, prompt_lookup=args.ngram,
                                                                           few_rows=False)
+        if args.confidence:
+            out[f"accel shipped EAGLE head + prompt lookup, confidence {args.confidence}"] = accel(
+                draft=head, prompt_lookup=args.ngram, draft_confidence=args.confidence)
     if args.lookup:
         out["accel prompt lookup"] = accel(prompt_lookup=args.ngram)
         out["transformers prompt lookup"] = generate(prompt_lookup_num_tokens=k)
@@ -218,7 +221,10 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=3,
                         help="tokens proposed per pass (every proposer); 3 measured best on requests 8-15")
     parser.add_argument("--confidence", type=float, default=0.0,
-                        help="also run the shipped draft with prompt lookup and this draft_confidence (adaptive length)")
+                        help="also run the shipped draft and EAGLE head with prompt lookup and this draft_confidence "
+                             "(adaptive length)")
+    parser.add_argument("--head-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                        help="the EAGLE head's dtype (its weights ship in float16)")
     parser.add_argument("--ngram", type=int, default=3, help="accel's prompt-lookup n-gram length")
     parser.add_argument("--no-draft", action="store_false", dest="draft", help="leave out the shipped draft's rows")
     parser.add_argument("--no-eagle", action="store_false", dest="eagle",
@@ -246,14 +252,15 @@ def main() -> None:
 
     model, tokenizer = pipelines.load("smollm2-135m")
     draft = pipelines.load("smollm2-draft")[0] if args.draft else None
-    head = pipelines.load("smollm2-eagle")[0] if args.eagle else None
+    head = pipelines.load("smollm2-eagle")[0].to(getattr(torch, args.head_dtype)) if args.eagle else None
     name = "SmolLM2-135M-Instruct (dequantised Q4_1, float32)"
     record: Dict[str, Any] = {"machine": machine_description("transformers"), "model": name,
                               "command": " ".join(["python scripts/bench_llm.py"] + sys.argv[1:]),
                               "mode": "sampled" if args.sample else "greedy", "load average": os.getloadavg()[0],
                               "rows": []}
+    record["EAGLE head dtype"] = args.head_dtype
     print(f"{record['machine']}; {name}; {record['mode']}; {args.new_tokens} new tokens, up to {args.draft_tokens} "
-          f"drafted per pass; load average {record['load average']:.2f}", flush=True)
+          f"drafted per pass, EAGLE head in {args.head_dtype}; load average {record['load average']:.2f}", flush=True)
     if args.costs:
         with torch.inference_mode():
             record["costs_ms"] = pass_costs(model, draft, head, repeats=3 if args.quick else 15,
