@@ -26,7 +26,7 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 
 __all__ = ["ARCHS", "ASSET_DIR", "MOD_CAPACITY", "MOD_LAYERS", "build", "forward_flops", "heldout_tokens",
-           "load_study_model", "study_config"]
+           "load_study_model", "special_tokens", "study_config"]
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "llm-study"
 ARCHS = ("dense", "moe", "mod")
@@ -83,15 +83,14 @@ def forward_flops(arch: str, config: Any, seq_len: int) -> float:
     mlp = 3 * width * config.intermediate_size
     if arch == "moe":
         mlp = width * MOE_EXPERTS + MOE_TOP_K * 3 * width * MOE_WIDTH
-    per_layer, total = [], 0.0
+    total = 0.0
     for index in range(config.num_hidden_layers):
-        share = MOD_CAPACITY if arch == "mod" and index in MOD_LAYERS else 1.0
-        seen = (math.ceil(share * seq_len) + 1) / 2  # positions attended, on average
-        layer = share * (2 * (attn_proj + mlp) + 2 * 2 * seen * heads * head_dim)
-        if arch == "mod" and index in MOD_LAYERS:
-            layer += 2 * (width + width * predictor_width(width) + predictor_width(width))  # router, predictor
-        per_layer.append(layer)
-        total += layer
+        routed = arch == "mod" and index in MOD_LAYERS
+        n = max(1, math.ceil(MOD_CAPACITY * seq_len - 1e-9)) if routed else seq_len  # tokens running the layer
+        seen = (n + 1) / 2  # positions each of them attends to, on average
+        total += (n / seq_len) * (2 * (attn_proj + mlp) + 2 * 2 * seen * heads * head_dim)
+        if routed:
+            total += 2 * (width + width * predictor_width(width) + predictor_width(width))  # router, predictor
     return total + 2 * width * config.vocab_size
 
 
@@ -108,7 +107,10 @@ def load_study_model(arch: str, folder: Path = ASSET_DIR, dtype: torch.dtype = t
         raise FileNotFoundError(f"study-{arch}: no weights in {where}; train them with scripts/train_llm_study.py")
     settings = json.loads((where / "config.json").read_text())
     model, routers = build(arch, study_config(**settings["config"]))
-    model.load_state_dict(load_file(str(where / "model.safetensors")), strict=False)  # lm_head: tied
+    missing, unexpected = model.load_state_dict(load_file(str(where / "model.safetensors")), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the output layer is the embeddings, tied
+        raise ValueError(f"study-{arch}: {where / 'model.safetensors'} does not fit the model: missing "
+                         f"{sorted(set(missing) - {'lm_head.weight'})}, unexpected {sorted(unexpected)}")
     if routers is not None:
         from ..llm import mod
 

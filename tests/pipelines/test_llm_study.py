@@ -33,17 +33,17 @@ def attention_flops(config, arch, seq_len):
     return total
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forward_flops_count_what_the_products_compute(arch):
+@pytest.mark.parametrize("arch,seq_len", [("dense", 256), ("moe", 256), ("mod", 256), ("mod", 100)])
+def test_forward_flops_count_what_the_products_compute(arch, seq_len):
     """torch's FlopCounterMode counts every matrix product of a real forward pass (not attention on
     the CPU, where sdpa is not counted); with causal attention added, that is ``forward_flops``."""
     config = study_config()
     model, _ = build(arch, config)
-    ids = torch.randint(4, config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(4, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(ids, use_cache=False)
-    counted = counter.get_total_flops() / 256 + attention_flops(config, arch, 256)
-    assert forward_flops(arch, config, 256) == pytest.approx(counted, rel=1e-12)
+    counted = counter.get_total_flops() / seq_len + attention_flops(config, arch, seq_len)
+    assert forward_flops(arch, config, seq_len) == pytest.approx(counted, rel=1e-12)
 
 
 def test_moe_and_dense_compute_alike_and_mod_less():
