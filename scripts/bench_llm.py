@@ -159,6 +159,9 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
         if args.confidence:
             out[f"accel shipped EAGLE head + prompt lookup, confidence {args.confidence}"] = accel(
                 draft=head, prompt_lookup=args.ngram, draft_confidence=args.confidence)
+        if args.goodput:
+            out["accel shipped EAGLE head + prompt lookup, goodput"] = accel(draft=head, prompt_lookup=args.ngram,
+                                                                              draft_policy="goodput")
     if args.lookup:
         out["accel prompt lookup"] = accel(prompt_lookup=args.ngram)
         out["transformers prompt lookup"] = generate(prompt_lookup_num_tokens=k)
@@ -223,6 +226,8 @@ def main() -> None:
     parser.add_argument("--confidence", type=float, default=0.0,
                         help="also run the shipped draft and EAGLE head with prompt lookup and this draft_confidence "
                              "(adaptive length)")
+    parser.add_argument("--goodput", action="store_true",
+                        help="also run the EAGLE head with prompt lookup under the goodput draft-length policy")
     parser.add_argument("--head-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                         help="the EAGLE head's dtype (its weights ship in float16)")
     parser.add_argument("--ngram", type=int, default=3, help="accel's prompt-lookup n-gram length")
@@ -312,6 +317,9 @@ def main() -> None:
             if measured and sum(s["drafted"] for s in measured):
                 row["acceptance"] = sum(s["accepted"] for s in measured) / sum(s["drafted"] for s in measured)
                 row["mean accepted length"] = statistics.mean(s["mean_accepted_length"] for s in measured)
+            lengths = [s["mean_draft_length"] for s in measured if s.get("mean_draft_length") is not None]
+            if lengths:
+                row["mean draft length"] = statistics.mean(lengths)
             record["rows"].append(row)
         for variant, message in refused.items():
             record["rows"].append({"prompts": label, "batch": args.batch, "variant": variant,
@@ -320,7 +328,8 @@ def main() -> None:
     print(format_table(record["rows"], [
         ("prompts", "prompts", ""), ("batch", "batch", ""), ("variant", "variant", ""), ("tokens/s", "tokens/s", ".1f"),
         ("speedup", "speedup", ".2f"), ("equal to generate", "equal to generate", ""),
-        ("acceptance", "acceptance rate", ".2f"), ("mean accepted length", "mean accepted length", ".2f")]),
+        ("acceptance", "acceptance rate", ".2f"), ("mean accepted length", "mean accepted length", ".2f"),
+        ("mean draft length", "mean draft length", ".2f")]),
         flush=True)
     print(f"load average {record['load average']:.2f} before, {record['load average after']:.2f} after")
     if args.out:

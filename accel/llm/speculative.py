@@ -46,11 +46,13 @@ import copy
 import dataclasses
 import functools
 import inspect
+import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
 from ..kernels.linear import takes_few_rows, weight_left_linear
+from .draft_policy import GoodputPolicy
 from .eagle import EagleHead, EagleProposer, check_head
 
 __all__ = ["SpeculativeOutput", "Sampler", "speculative_generate", "verify_sampled", "prompt_lookup_proposal",
@@ -312,6 +314,7 @@ class _DraftModel:
 # 3- down to 2-grams, else the draft, agreed with the target on 64% of tokens where the draft alone
 # agreed on 48%, and down to 1-grams on 58%; scripts/train_smollm2_draft.py, step 600).
 HYBRID_SHORTEST = 2
+DRAFT_POLICIES = ("fixed", "goodput")  # a fixed draft length, or the one with the most measured goodput
 
 
 @torch.no_grad()
@@ -320,7 +323,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
                          eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                          sampler: Optional[Sampler] = None, attention_mask: Optional[torch.Tensor] = None,
                          pad_token_id: Optional[int] = None, draft_confidence: float = 0.0,
-                         few_rows: bool = True) -> SpeculativeOutput:
+                         few_rows: bool = True, draft_policy: str = "fixed") -> SpeculativeOutput:
     """Decoding of ``target`` from ``input_ids: [B, L]`` (left-padded, ``attention_mask`` 1 on the
     real tokens, when B > 1) with drafts from ``draft`` (a causal LM sharing the target's
     vocabulary), from ``prompt_lookup`` (the longest n-gram to match), or from both (prompt lookup
@@ -339,6 +342,11 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
     only what it finds (nothing where no n-gram recurs). ``num_draft_tokens=0`` runs the same loop
     without drafting, one target pass per token: it measures the loop's own overhead.
 
+    ``draft_policy="goodput"``: each pass drafts the length, up to ``num_draft_tokens`` and 0
+    included, with the most expected tokens per second, from the round times and the acceptance
+    measured so far in the call (``accel.llm.draft_policy``), so that drafting is cut down where it
+    costs more than it gains (larger batches on a CPU). ``"fixed"``: always ``num_draft_tokens``.
+
     ``few_rows``: on the CPU, the target's linear layers run its passes of a few positions (the
     decoding steps and verifications, not the prompt's) as ``weight @ x^T``
     (``accel.kernels.few_rows_linear``), which made SmolLM2-135M's passes over 1 to 7 positions
@@ -346,17 +354,18 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
     keeps ``F.linear``. Either way the
     tokens are the target's, up to the order of the sums, as any change of the pass's width."""
     _check(target, input_ids, draft, prompt_lookup, num_draft_tokens, max_new_tokens, draft_confidence)
-    from ..patches.settings import check_bool
+    from ..patches.settings import check_bool, check_choice
 
+    check_choice("speculative_generate", "draft_policy", draft_policy, DRAFT_POLICIES)
     with few_rows_linears(target, check_bool("speculative_generate", "few_rows", few_rows)):
         return _decode(target, input_ids, draft, prompt_lookup, num_draft_tokens, max_new_tokens, eos_token_id,
-                       sampler, attention_mask, pad_token_id, draft_confidence)
+                       sampler, attention_mask, pad_token_id, draft_confidence, draft_policy)
 
 
 def _decode(target: Any, input_ids: torch.Tensor, draft: Optional[Any], prompt_lookup: Optional[int],
             num_draft_tokens: int, max_new_tokens: int, eos_token_id: Any, sampler: Optional[Sampler],
             attention_mask: Optional[torch.Tensor], pad_token_id: Optional[int],
-            draft_confidence: float) -> SpeculativeOutput:
+            draft_confidence: float, draft_policy: str = "fixed") -> SpeculativeOutput:
     """``speculative_generate`` after its checks: picks the batch or batch-size-1 loop and proposer."""
     config = getattr(target, "generation_config", None)
     if eos_token_id is None:
@@ -372,24 +381,26 @@ def _decode(target: Any, input_ids: torch.Tensor, draft: Optional[Any], prompt_l
             pad_token_id = min(stops) if stops else 0
         return generate_batch(target, input_ids, mask, draft=draft, prompt_lookup=prompt_lookup,
                               num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens, stops=stops,
-                              pad_token_id=pad_token_id, sampler=sampler, draft_confidence=draft_confidence)
+                              pad_token_id=pad_token_id, sampler=sampler, draft_confidence=draft_confidence,
+                              draft_policy=draft_policy)
     if isinstance(draft, EagleHead):
         proposer: Any = EagleProposer(draft, target)
         proposer.attach()
         try:
             return _generate_one(target, input_ids, proposer, prompt_lookup, num_draft_tokens, max_new_tokens, stops,
-                                 sampler, draft_confidence)
+                                 sampler, draft_confidence, draft_policy)
         finally:
             proposer.detach()
     proposer = _DraftModel(draft) if draft is not None else None
     return _generate_one(target, input_ids, proposer, prompt_lookup, num_draft_tokens, max_new_tokens, stops, sampler,
-                         draft_confidence)
+                         draft_confidence, draft_policy)
 
 
 def _generate_one(target: Any, input_ids: torch.Tensor, proposer: Any, prompt_lookup: Optional[int],
                   num_draft_tokens: int, max_new_tokens: int, stops: Set[int], sampler: Optional[Sampler],
-                  draft_confidence: float) -> SpeculativeOutput:
+                  draft_confidence: float, draft_policy: str = "fixed") -> SpeculativeOutput:
     """Batch size 1: ``proposer`` is a ``_DraftModel``, an ``EagleProposer`` or None."""
+    policy = GoodputPolicy(num_draft_tokens) if draft_policy == "goodput" else None
     eagle = proposer is not None and not isinstance(proposer, _DraftModel)
     logits, cache = _forward(target, input_ids, None, keep=1)
     first = logits[0, -1].argmax() if sampler is None else sampler.draw(sampler.probs(logits[0, -1:])[0])
@@ -398,7 +409,9 @@ def _generate_one(target: Any, input_ids: torch.Tensor, proposer: Any, prompt_lo
     tokens = torch.cat([input_ids, input_ids.new_tensor([[int(first)]])], dim=1)  # the cache holds all but the last
     new, calls, drafted, accepted, rounds = 1, 1, 0, 0, 0
     while new < max_new_tokens and int(tokens[0, -1]) not in stops:
-        room = min(num_draft_tokens, max_new_tokens - new - 1)  # the pass adds one token of its own
+        began = time.perf_counter()
+        length_now = num_draft_tokens if policy is None else policy.choose()
+        room = min(length_now, max_new_tokens - new - 1)  # the pass adds one token of its own
         draft_probs = None
         if room <= 0:
             proposal = []
@@ -426,7 +439,12 @@ def _generate_one(target: Any, input_ids: torch.Tensor, proposer: Any, prompt_lo
             proposer.observe(len(produced) - 1, produced)
         elif proposer is not None:
             proposer.keep(length + min(kept, len(proposal) - 1) if proposal else proposer.length)
-    return SpeculativeOutput(tokens, request_stats(calls, drafted, accepted, rounds, new))
+        if policy is not None:
+            policy.record(length_now, time.perf_counter() - began, len(proposal), min(kept, len(produced)))
+    stats = request_stats(calls, drafted, accepted, rounds, new)
+    if policy is not None:
+        stats.update(policy.summary())
+    return SpeculativeOutput(tokens, stats)
 
 
 def _check(target: Any, input_ids: Any, draft: Any, prompt_lookup: Any, num_draft_tokens: Any,

@@ -14,10 +14,12 @@ row is done. The output is padded with ``pad_token_id`` after them, as ``generat
 """
 from __future__ import annotations
 
+import time
 from typing import Any, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from .draft_policy import GoodputPolicy
 from .eagle import EagleBatchProposer, EagleHead
 from .speculative import (HYBRID_SHORTEST, Sampler, SpeculativeOutput, _forward, _until_stop, greedy_accept,
                           prompt_lookup_proposal, request_stats, top_probability, verify_sampled)
@@ -53,27 +55,31 @@ class _MaskedCache:
 def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, draft: Optional[Any],
                    prompt_lookup: Optional[int], num_draft_tokens: int, max_new_tokens: int, stops: Set[int],
                    pad_token_id: int, sampler: Optional[Sampler] = None,
-                   draft_confidence: float = 0.0) -> SpeculativeOutput:
+                   draft_confidence: float = 0.0, draft_policy: str = "fixed") -> SpeculativeOutput:
     """Speculative decoding of ``input_ids: [B, L]`` (left-padded; ``attention_mask`` 1 on the real
     tokens). Greedy (``sampler=None``): the tokens of ``target.generate(input_ids, attention_mask=...,
     do_sample=False)``. With a ``Sampler``: speculative sampling row by row, each row's tokens
     distributed as the target samples them. A draft model stops drafting for a row after a token
-    it gave a probability below ``draft_confidence``."""
+    it gave a probability below ``draft_confidence``. ``draft_policy="goodput"``: each pass drafts
+    the length with the most measured tokens per second (``accel.llm.draft_policy``)."""
+    policy = GoodputPolicy(num_draft_tokens) if draft_policy == "goodput" else None
     if isinstance(draft, EagleHead):
         eagle = EagleBatchProposer(draft, target)
         eagle.attach()
         try:
             return _generate(target, input_ids, attention_mask, eagle, prompt_lookup, num_draft_tokens,
-                             max_new_tokens, stops, pad_token_id, sampler, draft_confidence)
+                             max_new_tokens, stops, pad_token_id, sampler, draft_confidence, policy)
         finally:
             eagle.detach()
     return _generate(target, input_ids, attention_mask, None if draft is None else _MaskedCache(draft),
-                     prompt_lookup, num_draft_tokens, max_new_tokens, stops, pad_token_id, sampler, draft_confidence)
+                     prompt_lookup, num_draft_tokens, max_new_tokens, stops, pad_token_id, sampler, draft_confidence,
+                     policy)
 
 
 def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, drafter: Any,
               prompt_lookup: Optional[int], num_draft_tokens: int, max_new_tokens: int, stops: Set[int],
-              pad_token_id: int, sampler: Optional[Sampler], draft_confidence: float) -> SpeculativeOutput:
+              pad_token_id: int, sampler: Optional[Sampler], draft_confidence: float,
+              policy: Optional[GoodputPolicy] = None) -> SpeculativeOutput:
     """``generate_batch`` with ``drafter`` a ``_MaskedCache`` over a draft model, an
     ``EagleBatchProposer`` (which reads the target's features from its hook) or None."""
     batch = input_ids.shape[0]
@@ -95,7 +101,10 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     accepted_rows = [0] * batch
     filler = int(last[0])
     while not all(done):
-        room = [0 if done[b] else min(num_draft_tokens, max_new_tokens - len(made[b]) - 1) for b in range(batch)]
+        began = time.perf_counter()
+        length_now = num_draft_tokens if policy is None else policy.choose()
+        round_drafted, round_accepted = drafted, accepted
+        room = [0 if done[b] else min(length_now, max_new_tokens - len(made[b]) - 1) for b in range(batch)]
         proposals, draft_probs, looked_up = _propose(drafter, unseen, history, done, room, prompt_lookup, filler,
                                                      input_ids.device, sampler, draft_confidence)
         width = max(len(p) for p in proposals)
@@ -136,12 +145,16 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
             done[b] = produced[-1] in stops or len(made[b]) >= max_new_tokens
         if eagle and not all(done):
             drafter.observe(observed)
+        if policy is not None:
+            policy.record(length_now, time.perf_counter() - began, drafted - round_drafted, accepted - round_accepted)
     longest = max(len(m) for m in made)
     new = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=input_ids.device)
     for b in range(batch):
         new[b, :len(made[b])] = torch.tensor(made[b], dtype=torch.long)
     stats = request_stats(calls, drafted, accepted, checks, sum(len(m) for m in made))
     stats["accepted_per_row"] = accepted_rows
+    if policy is not None:
+        stats.update(policy.summary())
     return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats)
 
 

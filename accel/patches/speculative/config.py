@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..settings import Settings, check_bool, check_int, check_real
+from ..settings import Settings, check_bool, check_choice, check_int, check_real
 
 __all__ = ["Speculative"]
 
@@ -38,6 +38,9 @@ class Speculative(Settings):
         it gave a probability below this, in [0, 1); 0 always drafts ``num_draft_tokens``.
     few_rows: on the CPU, the model's linear layers run its passes of a few positions by
         ``accel.kernels.few_rows_linear`` (faster there than ``F.linear``); False keeps ``F.linear``.
+    draft_policy: ``"fixed"`` drafts ``num_draft_tokens`` every pass; ``"goodput"`` drafts, each
+        pass, the length up to it (0 included) with the most tokens per second measured so far in
+        the call (``accel.llm.draft_policy``), so drafting is cut where it costs more than it gains.
 
     Shorthands: ``speculative=draft_model``; ``speculative="prompt_lookup"`` (3-grams).
     Greedy (the model's own tokens) or sampled with ``do_sample=True`` (the model's own
@@ -49,6 +52,7 @@ class Speculative(Settings):
     num_draft_tokens: int = 4
     draft_confidence: float = 0.0
     few_rows: bool = True
+    draft_policy: str = "fixed"
 
     METHOD = "speculative"
     EXPECTED = "a draft causal LM, an EagleHead, \"prompt_lookup\", or a dict of settings"
@@ -68,6 +72,10 @@ class Speculative(Settings):
                                                                 self.draft_confidence, lambda v: 0 <= v < 1,
                                                                 "a float in [0, 1)"))
         object.__setattr__(self, "few_rows", check_bool("Speculative", "few_rows", self.few_rows))
+        from ...llm.speculative import DRAFT_POLICIES
+
+        object.__setattr__(self, "draft_policy", check_choice("Speculative", "draft_policy", self.draft_policy,
+                                                              DRAFT_POLICIES))
 
     @classmethod
     def from_shorthand(cls, value: Any) -> Optional[Dict[str, Any]]:

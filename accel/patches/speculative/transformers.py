@@ -64,6 +64,7 @@ class SpeculativeCausalLM(MethodPatch):
                                    num_draft_tokens=self.config.num_draft_tokens, max_new_tokens=max_new_tokens,
                                    eos_token_id=eos, sampler=sampler, attention_mask=kwargs.get("attention_mask"),
                                    draft_confidence=self.config.draft_confidence, few_rows=self.config.few_rows,
+                                   draft_policy=self.config.draft_policy,
                                    pad_token_id=kwargs.get("pad_token_id", getattr(config, "pad_token_id", None)))
         self.state = out.stats
         return out.sequences
