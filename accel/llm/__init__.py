@@ -6,8 +6,9 @@
 
 Built: speculative decoding (``speculative``), greedy at any batch size (each row accepting its own
 count, the model's own tokens) and sampled at any batch size (the model's own distribution), with
-adaptive draft lengths, prompt lookup, self-speculation from the model's first layers, EAGLE
-heads (``eagle``), and a shipped draft and EAGLE head for the built-in model
+adaptive draft lengths (by the draft's confidence, or by measured goodput: ``draft_policy``),
+prompt lookup, self-speculation from the model's first layers, EAGLE heads (``eagle``), and a
+shipped draft and EAGLE head for the built-in model
 (``accel.pipelines.load("smollm2-draft")``, ``load("smollm2-eagle")``); continuous
 batching of an unmodified transformers model (``batching.ContinuousBatcher``) over a paged KV cache
 (``paged_kv``: block pool, prefix hashing, copy-on-write; ``paged_attention``: registered in
