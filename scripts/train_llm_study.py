@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from accel.pipelines.llm_study import (ARCHS, ASSET_DIR, MOD_CAPACITY, MOD_LAYERS, build, forward_flops,  # noqa: E402
                                        heldout_tokens, load_study_model, special_tokens, study_config)
-from accel.eval.llm import causal_agreement, decode_rates, heldout_loss  # noqa: E402
+from accel.eval.llm import causal_agreement, decode_rates, heldout_loss, spread_prompts  # noqa: E402
 from accel.pipelines.training import load_state, save_state, warm_cosine  # noqa: E402
 
 
@@ -101,11 +101,16 @@ def aux_loss(arch: str, model: Any, routers: Any) -> torch.Tensor:
     return torch.zeros(())
 
 
+def bundle(model: Any, routers: Any) -> torch.nn.ModuleDict:
+    """What trains and what the training state holds: the model, and MoD's routers beside it."""
+    return torch.nn.ModuleDict({"model": model, **({"routers": routers} if routers is not None else {})})
+
+
 def stage_train(args: argparse.Namespace, work: Path) -> None:
     data = torch.load(work / "data.pt")
     config = study_config(args.vocab)
     model, routers = build(args.arch, config, seed=args.seed)
-    trained = torch.nn.ModuleDict({"model": model, **({"routers": routers} if routers is not None else {})})
+    trained = bundle(model, routers)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     folder = work / args.arch
     folder.mkdir(exist_ok=True)
@@ -150,8 +155,7 @@ def stage_train(args: argparse.Namespace, work: Path) -> None:
 
 def trained_model(arch: str, work: Path, vocab: int):
     model, routers = build(arch, study_config(vocab))
-    trained = torch.nn.ModuleDict({"model": model, **({"routers": routers} if routers is not None else {})})
-    trained.load_state_dict(torch.load(work / arch / "train_state.pt")["model"])
+    bundle(model, routers).load_state_dict(torch.load(work / arch / "train_state.pt")["model"])
     return model.eval(), routers
 
 
@@ -182,8 +186,7 @@ def stage_eval(args: argparse.Namespace, work: Path) -> None:
             row["router agreement"] = causal_agreement(model, routers, heldout, args.context, by="router")
         record["rows"].append(row)
         print(row, flush=True)
-    starts = [i * (len(heldout) // args.prompts) for i in range(args.prompts)]
-    prompts = [heldout[s:s + args.prompt_tokens].long()[None] for s in starts]
+    prompts = spread_prompts(heldout, args.prompts, args.prompt_tokens)
     rates, used = decode_rates({arch: m for arch, (m, _) in models.items()}, prompts, args.new_tokens, args.repeats)
     for row in record["rows"]:
         row["decode tokens/s"] = rates[row["arch"]]

@@ -4,7 +4,8 @@ shipped study models and by ``scripts/train_llm_study.py``.
 
     loss = heldout_loss(model, ids, context=256)                # mean next-token loss, nats
     agree = causal_agreement(model, routers, ids, 256)          # MoD: fraction of decisions = top-k
-    rows = bench_study_models(ids, prompts=4, new_tokens=64)    # the shipped dense / MoE / MoD models
+    prompts = spread_prompts(ids, count=4, length=64)          # [1, 64] prompts from across the text
+    record = bench_study_models(prompts=4, new_tokens=64)       # the shipped dense / MoE / MoD models
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["windows", "heldout_loss", "causal_agreement", "decode_rates", "bench_study_models"]
+__all__ = ["windows", "heldout_loss", "causal_agreement", "spread_prompts", "decode_rates", "bench_study_models"]
 
 
 def windows(ids: torch.Tensor, context: int, count: Optional[int] = None) -> torch.Tensor:
@@ -56,6 +57,11 @@ def causal_agreement(model: Any, routers: Any, ids: torch.Tensor, context: int, 
     return agree / len(rows)
 
 
+def spread_prompts(ids: torch.Tensor, count: int, length: int) -> List[torch.Tensor]:
+    """``count`` prompts ``[1, length]`` (long) cut from a 1-D token stream ``ids`` at even spacing."""
+    return [ids[i * (len(ids) // count):i * (len(ids) // count) + length].long()[None] for i in range(count)]
+
+
 def decode_rates(models: Dict[str, Any], prompts: List[torch.Tensor], new_tokens: int, repeats: int = 3
                  ) -> Tuple[Dict[str, float], Optional[float]]:
     """Greedy decoding speed of each model on the same prompts (``[1, n]`` each, ``new_tokens`` each,
@@ -93,8 +99,7 @@ def bench_study_models(prompts: int = 4, prompt_tokens: int = 64, new_tokens: in
         if routers is not None:
             row["predictor agreement"] = causal_agreement(model, routers, ids, 256, count)
         rows.append(row)
-    starts = [i * (len(ids) // prompts) for i in range(prompts)]
-    rates, used = decode_rates(models, [ids[s:s + prompt_tokens].long()[None] for s in starts], new_tokens, repeats)
+    rates, used = decode_rates(models, spread_prompts(ids, prompts, prompt_tokens), new_tokens, repeats)
     for row, arch in zip(rows, ARCHS):
         row["decode tokens/s"] = rates[arch]
         row["decode speedup"] = rates[arch] / rates["dense"]

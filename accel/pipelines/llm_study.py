@@ -41,7 +41,7 @@ def study_config(vocab_size: int = 4096, **overrides: Any) -> Any:
     settings: Dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=192, intermediate_size=512,
                                     num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                                     max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
-                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
     settings.update(overrides)
     return LlamaConfig(**settings)
 
@@ -55,7 +55,6 @@ def build(arch: str, config: Any, seed: int = 0) -> Tuple[Any, Any]:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.config._attn_implementation = "sdpa"
     routers = None
     if arch == "moe":
         from ..llm.moe import MoEBlock
@@ -116,8 +115,9 @@ def load_study_model(arch: str, folder: Path = ASSET_DIR, dtype: torch.dtype = t
 
         mod.load_routers(routers, where / "routers.safetensors")
         routers.to(dtype).eval()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    pad, bos, eos, unk = special_tokens()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token=bos, eos_token=eos,
+                                        pad_token=pad, unk_token=unk)
     return model.to(dtype).eval(), tokenizer
 
 
