@@ -54,6 +54,7 @@ import torch
 from ..kernels.linear import takes_few_rows, weight_left_linear
 from .draft_policy import GoodputPolicy
 from .eagle import EagleHead, EagleProposer, check_head
+from .grouped_attention import grouped_query_attention
 
 __all__ = ["SpeculativeOutput", "Sampler", "speculative_generate", "verify_sampled", "prompt_lookup_proposal",
            "layer_skip_draft", "few_rows_linears"]
@@ -357,7 +358,8 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Optiona
     from ..patches.settings import check_bool, check_choice
 
     check_choice("speculative_generate", "draft_policy", draft_policy, DRAFT_POLICIES)
-    with few_rows_linears(target, check_bool("speculative_generate", "few_rows", few_rows)):
+    with few_rows_linears(target, check_bool("speculative_generate", "few_rows", few_rows)), \
+            grouped_query_attention(target):
         return _decode(target, input_ids, draft, prompt_lookup, num_draft_tokens, max_new_tokens, eos_token_id,
                        sampler, attention_mask, pad_token_id, draft_confidence, draft_policy)
 
