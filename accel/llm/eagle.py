@@ -285,6 +285,14 @@ class EagleBatchProposer(_EagleDrafting):
         newest = out[torch.arange(len(rows), device=device), last]
         self.last = newest if self.last is None else torch.where(real.any(1, keepdim=True), newest, self.last)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` ``[n]`` (in that order): rows that finished leave."""
+        if self.past is not None:
+            self.past = (self.past[0][rows], self.past[1][rows])
+            self.valid = self.valid[rows]
+        if self.last is not None:
+            self.last = self.last[rows]
+
     def propose(self, room: Sequence[int], sampler: Any = None, confidence: float = 0.0
                 ) -> Tuple[List[List[int]], List[Optional[torch.Tensor]]]:
         """Up to ``room[b]`` guesses for each row (greedy, or drawn with ``sampler``, with their

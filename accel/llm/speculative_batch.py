@@ -9,8 +9,11 @@ rotary positions run on as if the holes were not there. In exact arithmetic ever
 what ``generate`` computes for it, left padding included. Verifying several tokens at once changes
 the shapes of the products, so equality is tested in float64.
 
-Rows that finish (an end-of-sequence token, or ``max_new_tokens``) feed masked fillers until every
-row is done. The output is padded with ``pad_token_id`` after them, as ``generate`` pads it.
+Rows that finish (an end-of-sequence token, or ``max_new_tokens``) leave the batch: every cache
+keeps only the rows still decoding (``batch_select_indices``), so the passes that remain are over
+fewer rows. Speculation makes rows finish at different passes, and the batch would otherwise pay
+for its finished rows until the slowest one is done. The output is padded with ``pad_token_id``
+after each row's end, as ``generate`` pads it.
 """
 from __future__ import annotations
 
@@ -50,6 +53,11 @@ class _MaskedCache:
         """Mark positions ``start:stop`` of ``row`` as never held (rejected drafts)."""
         self.valid[row, start:stop] = False
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` ``[n]`` (in that order), dropping the others' cache."""
+        self.cache.batch_select_indices(rows)
+        self.valid = self.valid[rows]
+
 
 @torch.no_grad()
 def generate_batch(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, draft: Optional[Any],
@@ -81,7 +89,10 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
               pad_token_id: int, sampler: Optional[Sampler], draft_confidence: float,
               policy: Optional[GoodputPolicy] = None) -> SpeculativeOutput:
     """``generate_batch`` with ``drafter`` a ``_MaskedCache`` over a draft model, an
-    ``EagleBatchProposer`` (which reads the target's features from its hook) or None."""
+    ``EagleBatchProposer`` (which reads the target's features from its hook) or None.
+
+    The per-row lists (``made``, ``history``, ``unseen``) and every cache hold the rows still
+    decoding, in their original order; ``origin`` maps each to its row of ``input_ids``."""
     batch = input_ids.shape[0]
     real = attention_mask.bool()
     eagle = isinstance(drafter, EagleBatchProposer)
@@ -90,39 +101,41 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     last = first.argmax(-1).tolist() if sampler is None else [sampler.draw(p) for p in sampler.probs(first)]
     made: List[List[int]] = [[int(t)] for t in last]
     history = [input_ids[b][real[b]].tolist() + made[b] for b in range(batch)]
-    done = [made[b][-1] in stops or max_new_tokens == 1 for b in range(batch)]
     unseen: List[List[int]] = [[] for _ in range(batch)]  # tokens of each row the draft model has not read yet
     if eagle:  # the head reads each prompt's features with the token after each position
         drafter.observe([(drafter.features[b][real[b]], history[b][1:]) for b in range(batch)])
     elif drafter is not None:
         drafter.step(input_ids, real, keep=1)  # reads the prompts; its first guess comes next round
         unseen = [[made[b][-1]] for b in range(batch)]
-    calls, drafted, accepted, checks = 1, 0, 0, 0
+    origin = list(range(batch))
+    finished: List[Optional[List[int]]] = [None] * batch  # each row's tokens, once it has ended
     accepted_rows = [0] * batch
+    calls, drafted, accepted, checks = 1, 0, 0, 0
     filler = int(last[0])
-    while not all(done):
+    ended = [made[b][-1] in stops or max_new_tokens == 1 for b in range(batch)]
+    live = _leave(ended, origin, finished, made, history, unseen, verifier, drafter)
+    while origin:
         began = time.perf_counter()
         length_now = num_draft_tokens if policy is None else policy.choose()
         round_drafted, round_accepted = drafted, accepted
-        room = [0 if done[b] else min(length_now, max_new_tokens - len(made[b]) - 1) for b in range(batch)]
-        proposals, draft_probs, looked_up = _propose(drafter, unseen, history, done, room, prompt_lookup, filler,
-                                                     input_ids.device, sampler, draft_confidence)
+        rows = len(origin)
+        room = [min(length_now, max_new_tokens - len(made[b]) - 1) for b in range(rows)]
+        proposals, draft_probs, looked_up = _propose(drafter, unseen, history, [False] * rows, room, prompt_lookup,
+                                                     filler, input_ids.device, sampler, draft_confidence)
         width = max(len(p) for p in proposals)
-        tokens = torch.full((batch, 1 + width), filler, dtype=torch.long, device=input_ids.device)
-        counted = torch.zeros(batch, 1 + width, dtype=torch.bool, device=input_ids.device)
-        for b in range(batch):
-            if not done[b]:
-                tokens[b, 0], counted[b, 0] = history[b][-1], True
-                tokens[b, 1:1 + len(proposals[b])] = torch.tensor(proposals[b], dtype=torch.long)
-                counted[b, 1:1 + len(proposals[b])] = True
+        tokens = torch.full((rows, 1 + width), filler, dtype=torch.long, device=input_ids.device)
+        counted = torch.zeros(rows, 1 + width, dtype=torch.bool, device=input_ids.device)
+        for b in range(rows):
+            tokens[b, 0], counted[b, 0] = history[b][-1], True
+            tokens[b, 1:1 + len(proposals[b])] = torch.tensor(proposals[b], dtype=torch.long)
+            counted[b, 1:1 + len(proposals[b])] = True
         start = verifier.valid.shape[1]
         logits = verifier.step(tokens, counted)
         choices = logits.argmax(-1).tolist() if sampler is None else None
         calls += 1
-        observed: List[Any] = [None] * batch  # the EAGLE head's new true pairs, per row
-        for b in range(batch):
-            if done[b]:
-                continue
+        observed: List[Any] = [None] * rows  # the EAGLE head's new true pairs, per row
+        ended = [False] * rows
+        for b in range(rows):
             checks += 1
             proposal = proposals[b]
             if sampler is None:
@@ -132,7 +145,7 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 kept, following = verify_sampled(proposal, draft_probs[b], target_probs, sampler)
                 produced = _until_stop(proposal[:kept] + [following], stops)
             drafted, accepted = drafted + len(proposal), accepted + min(kept, len(produced))
-            accepted_rows[b] += min(kept, len(produced))
+            accepted_rows[origin[b]] += min(kept, len(produced))
             verifier.forget(b, start + 1 + kept, start + 1 + width)  # rejected drafts and fillers
             if eagle:
                 observed[b] = (drafter.features[b, :len(produced)], produced)
@@ -142,20 +155,42 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 _settle_draft(drafter, b, proposal, kept, produced, unseen)
             made[b] += produced
             history[b] += produced
-            done[b] = produced[-1] in stops or len(made[b]) >= max_new_tokens
-        if eagle and not all(done):
-            drafter.observe(observed)
+            ended[b] = produced[-1] in stops or len(made[b]) >= max_new_tokens
+        live = _leave(ended, origin, finished, made, history, unseen, verifier, drafter)
+        if eagle and origin:
+            drafter.observe([observed[b] for b in live])
         if policy is not None:
             policy.record(length_now, time.perf_counter() - began, drafted - round_drafted, accepted - round_accepted)
-    longest = max(len(m) for m in made)
+    longest = max(len(m) for m in finished)
     new = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=input_ids.device)
     for b in range(batch):
-        new[b, :len(made[b])] = torch.tensor(made[b], dtype=torch.long)
-    stats = request_stats(calls, drafted, accepted, checks, sum(len(m) for m in made))
+        new[b, :len(finished[b])] = torch.tensor(finished[b], dtype=torch.long)
+    stats = request_stats(calls, drafted, accepted, checks, sum(len(m) for m in finished))
     stats["accepted_per_row"] = accepted_rows
     if policy is not None:
         stats.update(policy.summary())
     return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats)
+
+
+def _leave(ended: List[bool], origin: List[int], finished: List[Optional[List[int]]], made: List[List[int]],
+           history: List[List[int]], unseen: List[List[int]], verifier: _MaskedCache, drafter: Any) -> List[int]:
+    """Rows that ``ended`` leave the batch: their tokens go to ``finished`` (by original row), and
+    every per-row list and cache keeps the others, in order, which it returns (positions in the
+    batch before)."""
+    live = [b for b, end in enumerate(ended) if not end]
+    if len(live) == len(ended):
+        return live
+    for b, end in enumerate(ended):
+        if end:
+            finished[origin[b]] = made[b]
+    if live:
+        index = torch.tensor(live, dtype=torch.long, device=verifier.valid.device)
+        verifier.keep_rows(index)
+        if drafter is not None:
+            drafter.keep_rows(index)
+    for rows in (origin, made, history, unseen):
+        rows[:] = [rows[b] for b in live]
+    return live
 
 
 def _propose(drafter: Any, unseen: List[List[int]], history: List[List[int]], done: List[bool],

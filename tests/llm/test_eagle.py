@@ -189,17 +189,26 @@ def test_a_left_padded_batch_with_an_eagle_head_is_the_targets_own_batched_greed
 
 
 def recorder(monkeypatch, proposer_class, rows_of):
-    """Each row's proposals, in order, as ``proposer_class.propose`` makes them."""
-    made = {}
+    """Each row's proposals, in order, as ``proposer_class.propose`` makes them, keyed by the row's
+    place in the batch it started in (a row that finishes leaves the batch: ``keep_rows``)."""
+    made, origin = {}, []
     propose = proposer_class.propose
 
     def recording(self, room, sampler=None, confidence=0.0):
         proposals, probs = propose(self, room, sampler, confidence)
+        if not origin and isinstance(room, (list, tuple)):
+            origin.extend(range(len(room)))
         for b, proposal in rows_of(room, proposals):
-            made.setdefault(b, []).append(proposal)
+            made.setdefault(origin[b] if origin else b, []).append(proposal)
         return proposals, probs
 
     monkeypatch.setattr(proposer_class, "propose", recording)
+    keep_rows = getattr(proposer_class, "keep_rows", None)
+    if keep_rows is not None:
+        def keeping(self, rows):
+            origin[:] = [origin[i] for i in rows.tolist()]
+            keep_rows(self, rows)
+        monkeypatch.setattr(proposer_class, "keep_rows", keeping)
     return made
 
 

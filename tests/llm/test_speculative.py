@@ -562,6 +562,26 @@ def test_a_row_ending_mid_batch_is_padded_as_generate_pads_it():
         assert torch.equal(out.sequences, expected), proposer
 
 
+def test_a_row_that_ends_leaves_the_batch_and_the_others_decode_on():
+    """After a row's end-of-sequence token the target runs on the other rows only (its cache and the
+    draft's drop the row), and every row is still generate's."""
+    target = causal_lm(seed=0)
+    ids, mask = left_padded([9, 12, 6], seed=4)
+    eos = greedy_batch(target, ids, mask, 20)[1, ids.shape[1]:].tolist()[4]  # row 1 stops after five tokens
+    expected = greedy_batch(target, ids, mask, 20, eos=eos)
+    for proposer in ({"draft": noisy_copy(target, 0.005)}, {"prompt_lookup": 2}, {"prompt_lookup": 2, "k": 0}):
+        rows = []
+        handle = target.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+        try:
+            out = speculative_generate(target, ids, attention_mask=mask, num_draft_tokens=proposer.pop("k", 3),
+                                       max_new_tokens=20, eos_token_id=eos, pad_token_id=0, **proposer)
+        finally:
+            handle.remove()
+        assert torch.equal(out.sequences, expected), proposer
+        assert rows[0] == 3 and 1 <= rows[-1] < 3 and rows == sorted(rows, reverse=True), rows
+
+
 def test_patched_generate_serves_a_padded_batch():
     import accel
 
