@@ -14,7 +14,8 @@ def weights(dtype, out=48, width=24, seed=0):
     return torch.randn(out, width, generator=g, dtype=dtype), torch.randn(out, generator=g, dtype=dtype)
 
 
-@pytest.mark.parametrize("shape", [(24,), (1, 24), (1, 1, 24), (1, 5, 24), (2, 3, 24), (FEW_ROWS, 24)])
+@pytest.mark.parametrize("shape", [(24,), (1, 24), (1, 1, 24), (1, 5, 24), (2, 3, 24), (12, 24), (3, 5, 24),
+                                   (FEW_ROWS, 24)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_it_equals_f_linear_up_to_rounding(shape, dtype, tol, with_bias):
@@ -35,6 +36,17 @@ def test_few_rows_take_the_weight_on_the_left_and_one_row_is_padded_to_two():
     assert torch.equal(few_rows_linear(x, weight, bias), torch.mm(weight, x.t()).t() + bias)
     one = x[:1]
     assert torch.equal(few_rows_linear(one, weight), torch.mm(weight, one.repeat(2, 1).t())[:, :1].t())
+
+
+def test_more_than_a_block_of_rows_is_padded_with_zero_rows_to_whole_blocks():
+    """12 rows are computed as 16 (the last 4 zero) and cut back: bit-equal to that product; 16
+    rows as themselves."""
+    weight, bias = weights(torch.float32)
+    x = torch.randn(12, 24, generator=torch.Generator().manual_seed(4))
+    padded = torch.cat([x, torch.zeros(4, 24)])
+    assert torch.equal(few_rows_linear(x, weight, bias), torch.mm(weight, padded.t())[:, :12].t() + bias)
+    sixteen = torch.cat([x, x[:4]])
+    assert torch.equal(few_rows_linear(sixteen, weight), torch.mm(weight, sixteen.t()).t())
 
 
 def test_elsewhere_it_is_f_linear_itself():
