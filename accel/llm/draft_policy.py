@@ -11,13 +11,15 @@ decoding down. The policy measures both as it decodes and drafts the ``k`` with 
 tokens per second:
 
     policy = GoodputPolicy(most=3)
-    k = policy.choose()                     # this round's draft length, 0 .. most
+    k = policy.choose(rows)                 # this round's draft length, 0 .. most
     ...                                     # draft k (or fewer), verify, time the round
-    policy.record(k, seconds, drafted, accepted)
+    policy.record(k, seconds, drafted, accepted, rows)
 
 - ``a``: accepted over drafted tokens so far in the call, starting from one of two (a prior of 1/2).
-- ``T(k)``: the median of the latest rounds timed with ``k``; between measured lengths linear
-  interpolation, beyond them the nearest measured slope. The first rounds measure ``most`` and 0.
+- ``T``: a function of the positions the target checks, ``rows * (1 + k)`` for a batch of ``rows``
+  rows, since in batched decoding rows that finish leave and later rounds are cheaper: the median
+  of the latest rounds timed at those positions; between measured counts linear interpolation,
+  beyond them the nearest measured slope. The first rounds measure ``most`` and 0.
 - While the best length is 0 nothing is drafted, so every ``refresh`` rounds one round drafts a
   token to keep ``a`` current.
 """
@@ -41,7 +43,7 @@ class GoodputPolicy:
 
     def __init__(self, most: int, refresh: int = 16, window: int = 8) -> None:
         self.most, self.refresh = most, refresh
-        self.seconds: Dict[int, Deque[float]] = {}
+        self.seconds: Dict[int, Deque[float]] = {}  # by positions checked, rows * (1 + k)
         self.window = window
         self.drafted = self.accepted = self.rounds = 0
         self.chosen: Counter = Counter()
@@ -49,14 +51,16 @@ class GoodputPolicy:
     def acceptance(self) -> float:
         return (self.accepted + 1) / (self.drafted + 2)
 
-    def cost(self, k: int) -> float:
-        """The estimated seconds of a round drafting ``k`` tokens (at least two lengths measured)."""
+    def cost(self, k: int, rows: int = 1) -> float:
+        """The estimated seconds of a round drafting ``k`` tokens for each of ``rows`` rows (at least
+        two position counts measured)."""
+        at = rows * (1 + k)
         measured = sorted(self.seconds)
         times = {m: statistics.median(self.seconds[m]) for m in measured}
-        if k in times:
-            return times[k]
-        below = [m for m in measured if m < k]
-        above = [m for m in measured if m > k]
+        if at in times:
+            return times[at]
+        below = [m for m in measured if m < at]
+        above = [m for m in measured if m > at]
         if below and above:
             lo, hi = below[-1], above[0]
         elif below:
@@ -66,22 +70,22 @@ class GoodputPolicy:
         if lo == hi:
             return times[lo]
         slope = (times[hi] - times[lo]) / (hi - lo)
-        return max(times[lo] + slope * (k - lo), 1e-9)
+        return max(times[lo] + slope * (at - lo), 1e-9)
 
-    def choose(self) -> int:
+    def choose(self, rows: int = 1) -> int:
         for k in (self.most, 0):  # measure the two ends first
-            if k not in self.seconds:
+            if k not in self.chosen:
                 return k
         alpha = self.acceptance()
-        best = max(range(self.most + 1), key=lambda k: expected_tokens(alpha, k) / self.cost(k))
+        best = max(range(self.most + 1), key=lambda k: expected_tokens(alpha, k) / self.cost(k, rows))
         if best == 0 and self.most > 0 and self.rounds % self.refresh == self.refresh - 1:
             return 1  # drafting nothing teaches nothing about acceptance: look again now and then
         return best
 
-    def record(self, k: int, seconds: float, drafted: int, accepted: int) -> None:
-        """A round that chose ``k``: its wall time, and how many tokens it drafted and had accepted
-        (over every row)."""
-        self.seconds.setdefault(k, deque(maxlen=self.window)).append(seconds)
+    def record(self, k: int, seconds: float, drafted: int, accepted: int, rows: int = 1) -> None:
+        """A round that chose ``k`` for ``rows`` rows: its wall time, and how many tokens it drafted
+        and had accepted (over every row)."""
+        self.seconds.setdefault(rows * (1 + k), deque(maxlen=self.window)).append(seconds)
         self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
         self.rounds += 1
         self.chosen[k] += 1

@@ -116,9 +116,9 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     live = _leave(ended, origin, finished, made, history, unseen, verifier, drafter)
     while origin:
         began = time.perf_counter()
-        length_now = num_draft_tokens if policy is None else policy.choose()
-        round_drafted, round_accepted = drafted, accepted
         rows = len(origin)
+        length_now = num_draft_tokens if policy is None else policy.choose(rows)
+        round_drafted, round_accepted = drafted, accepted
         room = [min(length_now, max_new_tokens - len(made[b]) - 1) for b in range(rows)]
         proposals, draft_probs, looked_up = _propose(drafter, unseen, history, [False] * rows, room, prompt_lookup,
                                                      filler, input_ids.device, sampler, draft_confidence)
@@ -160,7 +160,8 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if eagle and origin:
             drafter.observe([observed[b] for b in live])
         if policy is not None:
-            policy.record(length_now, time.perf_counter() - began, drafted - round_drafted, accepted - round_accepted)
+            policy.record(length_now, time.perf_counter() - began, drafted - round_drafted, accepted - round_accepted,
+                          rows)
     longest = max(len(m) for m in finished)
     new = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=input_ids.device)
     for b in range(batch):

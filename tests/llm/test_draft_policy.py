@@ -49,6 +49,21 @@ def test_costs_beyond_the_measured_lengths_follow_the_nearest_slope():
     assert expected_tokens(0.5, 3) == 1 + 0.5 + 0.25 + 0.125
 
 
+def test_in_a_batch_the_cost_follows_the_positions_checked():
+    """Timed at 8 rows with 0 and 3 drafted (8 and 32 positions): 4 rows drafting 1 check 8
+    positions too, and fewer rows (finished rows leave) make longer drafts pay."""
+    policy = GoodputPolicy(3)
+    policy.record(3, 2.0, 0, 0, rows=8)
+    policy.record(0, 1.0, 0, 0, rows=8)
+    policy.drafted, policy.accepted = 998, 499  # acceptance 1/2
+    assert policy.cost(1, rows=4) == policy.cost(0, rows=8) == 1.0
+    assert policy.cost(0, rows=2) == pytest.approx(1.0 - 6 / 24)  # below the measured: the nearest slope
+    for rows, want in ((8, 1), (2, 2)):
+        rates = [expected_tokens(0.5, k) / (1.0 + (rows * (1 + k) - 8) / 24) for k in range(4)]
+        assert rates.index(max(rates)) == want
+        assert policy.choose(rows) == want
+
+
 def test_a_policy_at_zero_still_drafts_now_and_then():
     policy = policy_with({0: 1.0, 3: 4.0}, drafted=100, accepted=0)
     chosen = []
