@@ -27,6 +27,7 @@ seeded alike, and their distribution is what the tests check. Speedup is tokens/
     python scripts/bench_llm.py --sample              # sampled (temperature 0.7, top-k 50, top-p 0.9)
     python scripts/bench_llm.py --set stdlib          # prompt lookup on grounded and open prompts
     python scripts/bench_llm.py --costs               # what a pass's pieces cost (target widths, draft steps)
+    python scripts/bench_llm.py --costs --batch 8     # the target's passes over 8 rows of 1 to 8 positions
     python scripts/bench_llm.py --quick               # a smoke run (tests)
 """
 from __future__ import annotations
@@ -171,38 +172,43 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
 
 
 WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 40, 64, 256)
+BATCH_WIDTHS = (1, 2, 3, 4, 5, 8)  # per row, with --costs --batch B
 
 
 def pass_costs(model: Any, draft: Any, head: Any, context: int = 200, repeats: int = 15,
-               widths: Tuple[int, ...] = WIDTHS) -> Dict[str, float]:
+               widths: Tuple[int, ...] = WIDTHS, batch: int = 1) -> Dict[str, float]:
     """Median milliseconds of the pieces of a speculative pass after ``context`` tokens, interleaved:
-    the target checking 1 to 8, 16, 40, 64 and 256 positions on its KV cache (its linear layers by
-    ``F.linear`` and by ``accel.kernels.few_rows_linear``), a draft-model step, and an EAGLE head's
-    proposals of 1 and 4 tokens (``--costs``)."""
+    the target checking 1 to 8, 16, 40, 64 and 256 positions per row on its KV cache, for ``batch``
+    rows (its linear layers by ``F.linear`` and by ``accel.kernels.few_rows_linear``; its attention
+    as ``speculative_generate`` runs it, ``accel.llm.grouped_attention``), a draft-model step, and an
+    EAGLE head's proposals of 1 and 4 tokens (``--costs``; at batch size 1 only)."""
     from accel.llm.eagle import EagleProposer
+    from accel.llm.grouped_attention import grouped_query_attention
     from accel.llm.speculative import _forward, few_rows_linears
 
-    ids = torch.randint(100, 5000, (1, context), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(100, 5000, (batch, context), generator=torch.Generator().manual_seed(0))
     pieces: Dict[str, Callable[[], Any]] = {}
     _, cache = _forward(model, ids, None, keep=1)
 
-    checked = torch.randint(100, 5000, (1, max(widths)), generator=torch.Generator().manual_seed(1))
+    checked = torch.randint(100, 5000, (batch, max(widths)), generator=torch.Generator().manual_seed(1))
 
     def check(width: int, few_rows: bool) -> None:
-        with few_rows_linears(model, few_rows):
-            _forward(model, checked[:, :width], cache)
+        mask = {"attention_mask": torch.ones(batch, context + width, dtype=torch.long)} if batch > 1 else {}
+        with few_rows_linears(model, few_rows), grouped_query_attention(model):  # as speculative_generate runs it
+            _forward(model, checked[:, :width], cache, **mask)
         cache.crop(-width)
+    rows = f" x {batch} rows" if batch > 1 else ""
     for width in widths:
-        pieces[f"target, {width} positions, F.linear"] = functools.partial(check, width, False)
-        pieces[f"target, {width} positions, few_rows_linear"] = functools.partial(check, width, True)
-    if draft is not None:
+        pieces[f"target, {width} positions{rows}, F.linear"] = functools.partial(check, width, False)
+        pieces[f"target, {width} positions{rows}, few_rows_linear"] = functools.partial(check, width, True)
+    if draft is not None and batch == 1:
         _, small = _forward(draft, ids, None, keep=1)
 
         def step() -> None:
             _forward(draft, ids[:, :1], small, keep=1)
             small.crop(-1)
         pieces["draft model, one step"] = step
-    if head is not None:
+    if head is not None and batch == 1:
         proposer = EagleProposer(head, model)
         proposer.attach()
         _forward(model, ids, None, keep=1)
@@ -269,7 +275,8 @@ def main() -> None:
     if args.costs:
         with torch.inference_mode():
             record["costs_ms"] = pass_costs(model, draft, head, repeats=3 if args.quick else 15,
-                                            widths=(1, 4) if args.quick else WIDTHS)
+                                            widths=(1, 4) if args.quick else WIDTHS if args.batch == 1 else
+                                            BATCH_WIDTHS, batch=args.batch)
         print("\n".join(f"{name}: {ms:.2f} ms" for name, ms in record["costs_ms"].items()))
         if args.out:
             args.out.write_text(json.dumps(record, indent=2) + "\n")
