@@ -148,6 +148,9 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
         if args.confidence:
             out[f"accel shipped draft + prompt lookup, confidence {args.confidence}"] = accel(
                 draft=draft, prompt_lookup=args.ngram, draft_confidence=args.confidence)
+        if args.goodput:
+            out["accel shipped draft + prompt lookup, goodput"] = accel(draft=draft, prompt_lookup=args.ngram,
+                                                                         draft_policy="goodput")
         out["transformers assistant_model (its defaults)"] = assisted({})
         out["transformers assistant_model (same k)"] = assisted(
             {"num_assistant_tokens": k, "num_assistant_tokens_schedule": "constant",
@@ -233,7 +236,8 @@ def main() -> None:
                         help="also run the shipped draft and EAGLE head with prompt lookup and this draft_confidence "
                              "(adaptive length)")
     parser.add_argument("--goodput", action="store_true",
-                        help="also run the EAGLE head with prompt lookup under the goodput draft-length policy")
+                        help="also run the shipped draft and the EAGLE head, with prompt lookup, under the goodput "
+                             "draft-length policy")
     parser.add_argument("--head-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                         help="the EAGLE head's dtype (its weights ship in float16)")
     parser.add_argument("--ngram", type=int, default=3, help="accel's prompt-lookup n-gram length")
