@@ -8,16 +8,17 @@ whose paths for one row (a matrix-vector product) and for a few rows are slow: o
 measured, its matrix-vector product over SmolLM2's weights ran no faster on two threads than on
 one. The same product taken the other way round, ``(weight @ x^T)^T``, is a matrix product with
 thousands of rows and a few columns, which MKL runs fast. One row is padded to two, since a single
-column falls back to the matrix-vector path, and more than 8 rows to a multiple of 8: MKL's product
-costs steps, not a slope, in the columns. Measured for SmolLM2's ``[1536, 576]`` weight: 8, 12, 14 and
-16 columns take 166, 252, 353 and 170 us, and 25 to 31 columns 370 to 580 us against 294 for 32; its
-``[49152, 576]`` output layer, 13.5 ms for 12 columns against 10.6 for 16.
+column falls back to the matrix-vector path, and 9 to 15 rows to 16: MKL's product costs steps,
+not a slope, in the columns. Measured for SmolLM2's ``[1536, 576]`` weight: 8, 12, 14 and 16
+columns take 166, 252, 353 and 170 us; its ``[49152, 576]`` output layer, 13.5 ms for 12 columns
+against 10.6 for 16.
 
 Measured on this project's 2-core x86_64 CPU (torch 2.14.1, MKL 2024.2; ``python
 scripts/bench_llm.py --costs``, docs/benchmarks.md): a pass of SmolLM2-135M over 1, 2, 4 and 5
 positions after 200 tokens takes 39.9, 64.4, 53.8 and 54.1 ms with ``F.linear`` and 29.0, 29.0,
-31.5 and 40.0 ms this way; over 16 and 64 positions 69.2 and 151.1 ms against 63.3 and 144.0, and
-over 256 the two are level. So this op is written by hand rather than left to torch: it is
+31.5 and 40.0 ms this way; over 16 positions the two are level, and over more ``F.linear`` is
+level or faster (over 40 positions 100.0 against 107.7 ms; 8 rows of 3 positions, 82.7 against
+88.6), hence ``FEW_ROWS = 16``. So this op is written by hand rather than left to torch: it is
 measurably faster where decoding runs. Other CPUs and BLAS libraries may differ; the callers
 let it be turned off (``few_rows=False``).
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 __all__ = ["few_rows_linear", "FEW_ROWS", "takes_few_rows", "weight_left_linear"]
 
-FEW_ROWS = 64  # the gain shrinks with the rows: 1.3-2.2x up to 7, 5-9% at 16 and 64 (none at 256)
+FEW_ROWS = 16  # the gain shrinks with the rows: 1.3-2.2x up to 7, none at 16, a loss at 24 and 40
 BLOCK = 8  # more rows than this are padded with zero rows to a multiple of it
 
 
