@@ -26,14 +26,17 @@ row. On a GPU a pass over 5 rows costs about what a pass over one does; on the C
 once the linear layers are computed with the weight on the left (``few_rows=True``,
 ``accel.kernels.few_rows_linear``). With torch's own ``F.linear``, SmolLM2-135M's pass over 2 to 8
 positions measured 1.3 to 1.9 times its pass over one on this project's CPU (docs/benchmarks.md).
+A pass of several masked queries would also copy every layer's KV cache in transformers' ``sdpa``
+attention of a grouped-query model; the target runs ``accel.llm.grouped_attention`` instead.
 
-**Built so far** (issue 15, first part):
+What it serves:
 - greedy decoding, token for token the target's ``generate``, at batch size 1 and for left-padded
-  batches, where each row accepts its own number of drafted tokens (``speculative_batch``: the
-  caches only grow, and a row's rejected positions become masked holes);
+  batches, where each row accepts its own number of drafted tokens and rows that finish leave the
+  batch (``speculative_batch``);
 - sampling at any batch size by speculative sampling: the target's distribution, with
   temperature, top-k and top-p applied identically to both models;
-- adaptive draft lengths (``draft_confidence``);
+- draft lengths: fixed, cut where the draft is unsure (``draft_confidence``), or chosen each pass
+  by measured goodput (``draft_policy="goodput"``, the one that pays at batch 8 on a CPU);
 - the shipped draft for the built-in model (``accel.pipelines.load("smollm2-draft")``) and its
   shipped EAGLE head (``load("smollm2-eagle")``).
 Self-speculation drafts with the model's own first layers (``layer_skip_draft``); untrained it
