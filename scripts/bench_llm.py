@@ -183,8 +183,9 @@ def pass_costs(model: Any, draft: Any, head: Any, context: int = 200, repeats: i
     """Median milliseconds of the pieces of a speculative pass after ``context`` tokens, interleaved:
     the target checking 1 to 8, 16, 40, 64 and 256 positions per row on its KV cache, for ``batch``
     rows (its linear layers by ``F.linear`` and by ``accel.kernels.few_rows_linear``; its attention
-    as ``speculative_generate`` runs it, ``accel.llm.grouped_attention``), a draft-model step, and an
-    EAGLE head's proposals of 1 and 4 tokens (``--costs``; at batch size 1 only)."""
+    as ``speculative_generate`` runs it, ``accel.llm.grouped_attention``, and for 2 to 8 positions
+    also transformers' own ``sdpa``), a draft-model step, and an EAGLE head's proposals of 1 and 4
+    tokens (``--costs``; at batch size 1 only)."""
     from accel.llm.eagle import EagleProposer
     from accel.llm.grouped_attention import grouped_query_attention
     from accel.llm.speculative import _forward, few_rows_linears
@@ -195,15 +196,18 @@ def pass_costs(model: Any, draft: Any, head: Any, context: int = 200, repeats: i
 
     checked = torch.randint(100, 5000, (batch, max(widths)), generator=torch.Generator().manual_seed(1))
 
-    def check(width: int, few_rows: bool) -> None:
+    def check(width: int, few_rows: bool, grouped: bool = True) -> None:
         mask = {"attention_mask": torch.ones(batch, context + width, dtype=torch.long)} if batch > 1 else {}
-        with few_rows_linears(model, few_rows), grouped_query_attention(model):  # as speculative_generate runs it
+        with few_rows_linears(model, few_rows), grouped_query_attention(model, grouped):  # as speculative_generate
             _forward(model, checked[:, :width], cache, **mask)
         cache.crop(-width)
     rows = f" x {batch} rows" if batch > 1 else ""
     for width in widths:
         pieces[f"target, {width} positions{rows}, F.linear"] = functools.partial(check, width, False)
         pieces[f"target, {width} positions{rows}, few_rows_linear"] = functools.partial(check, width, True)
+        if 1 < width <= 8:  # transformers' own sdpa attention, which repeats the KV cache for several queries
+            pieces[f"target, {width} positions{rows}, few_rows_linear, transformers sdpa"] = functools.partial(
+                check, width, True, False)
     if draft is not None and batch == 1:
         _, small = _forward(draft, ids, None, keep=1)
 

@@ -151,7 +151,8 @@ def test_bench_llm_measures_the_shipped_eagle_head_and_the_costs_of_a_pass(tmp_p
     subprocess.run(base + ["--costs", "--batch", "2"], check=True, capture_output=True, text=True, timeout=300, env=env)
     costs = json.loads(out.read_text())["costs_ms"]
     assert list(costs) == [f"target, {w} positions x 2 rows, {how}" for w in (1, 4)
-                           for how in ("F.linear", "few_rows_linear")] and all(ms > 0 for ms in costs.values())
+                           for how in ("F.linear", "few_rows_linear")] + \
+        ["target, 4 positions x 2 rows, few_rows_linear, transformers sdpa"] and all(ms > 0 for ms in costs.values())
 
 
 def test_bench_moe_times_every_experts_backend_and_compares_outputs(tmp_path):
