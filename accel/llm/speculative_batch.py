@@ -113,15 +113,15 @@ def _generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     calls, drafted, accepted, checks = 1, 0, 0, 0
     filler = int(last[0])
     ended = [made[b][-1] in stops or max_new_tokens == 1 for b in range(batch)]
-    live = _leave(ended, origin, finished, made, history, unseen, verifier, drafter)
+    _leave(ended, origin, finished, made, history, unseen, verifier, drafter)
     while origin:
         began = time.perf_counter()
         rows = len(origin)
         length_now = num_draft_tokens if policy is None else policy.choose(rows)
         round_drafted, round_accepted = drafted, accepted
         room = [min(length_now, max_new_tokens - len(made[b]) - 1) for b in range(rows)]
-        proposals, draft_probs, looked_up = _propose(drafter, unseen, history, [False] * rows, room, prompt_lookup,
-                                                     filler, input_ids.device, sampler, draft_confidence)
+        proposals, draft_probs, looked_up = _propose(drafter, unseen, history, room, prompt_lookup, filler,
+                                                     input_ids.device, sampler, draft_confidence)
         width = max(len(p) for p in proposals)
         tokens = torch.full((rows, 1 + width), filler, dtype=torch.long, device=input_ids.device)
         counted = torch.zeros(rows, 1 + width, dtype=torch.bool, device=input_ids.device)
@@ -194,11 +194,11 @@ def _leave(ended: List[bool], origin: List[int], finished: List[Optional[List[in
     return live
 
 
-def _propose(drafter: Any, unseen: List[List[int]], history: List[List[int]], done: List[bool],
+def _propose(drafter: Any, unseen: List[List[int]], history: List[List[int]],
              room: Sequence[int], prompt_lookup: Optional[int], filler: int, device: torch.device,
              sampler: Optional[Sampler], confidence: float
              ) -> Tuple[List[List[int]], List[Optional[torch.Tensor]], List[bool]]:
-    """Each row's proposal (up to ``room[b]`` tokens; none for finished rows); when sampling with
+    """Each row's proposal (up to ``room[b]`` tokens); when sampling with
     a draft model, the draft's distributions ``[len(proposal), V]`` it drew them from (None where
     the proposal is certain: prompt lookup); and which rows' proposals came from prompt lookup.
     With both proposers, prompt lookup serves the rows where an n-gram of at least
@@ -207,7 +207,7 @@ def _propose(drafter: Any, unseen: List[List[int]], history: List[List[int]], do
     batch = len(history)
     probs: List[List[torch.Tensor]] = [[] for _ in range(batch)]
     shortest = 1 if drafter is None else HYBRID_SHORTEST
-    proposals = [[] if done[b] or room[b] <= 0 or prompt_lookup is None else
+    proposals = [[] if room[b] <= 0 or prompt_lookup is None else
                  prompt_lookup_proposal(history[b], prompt_lookup, room[b], shortest) for b in range(batch)]
     looked_up = [bool(p) for p in proposals]
     if drafter is None:
@@ -224,7 +224,7 @@ def _propose(drafter: Any, unseen: List[List[int]], history: List[List[int]], do
     tokens = torch.full((batch, width), filler, dtype=torch.long, device=device)
     counted = torch.zeros(batch, width, dtype=torch.bool, device=device)
     for b, pending in enumerate(unseen):
-        if pending and not done[b]:
+        if pending:
             tokens[b, width - len(pending):] = torch.tensor(pending, dtype=torch.long)
             counted[b, width - len(pending):] = True
     for step in range(count):
@@ -239,17 +239,17 @@ def _propose(drafter: Any, unseen: List[List[int]], history: List[List[int]], do
         if step == 0:
             drafter.mark = drafter.valid.shape[1]  # where the proposals fed back as inputs begin
         for b in range(batch):
-            if not done[b] and step < room[b]:
+            if step < room[b]:
                 proposals[b].append(guess[b])
                 if sampler is not None:
                     probs[b].append(row_probs[b])
                 if not sure[b]:
                     room[b] = step + 1  # this row's proposal ends here
-        if step == count - 1 or all(done[b] or room[b] <= step + 1 for b in range(batch)):
+        if step == count - 1 or all(room[b] <= step + 1 for b in range(batch)):
             break
         tokens = torch.tensor([[g] for g in guess], dtype=torch.long, device=device)
         # a proposal goes in as the next input only where the row wants one more after it
-        counted = torch.tensor([[not done[b] and step < room[b] - 1] for b in range(batch)], device=device)
+        counted = torch.tensor([[step < room[b] - 1] for b in range(batch)], device=device)
     for b in range(batch):
         unseen[b] = []
     return proposals, [torch.stack(p) if p else None for p in probs], looked_up
