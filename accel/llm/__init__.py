@@ -9,12 +9,14 @@ count, the model's own tokens) and sampled at any batch size (the model's own di
 adaptive draft lengths (by the draft's confidence, or by measured goodput: ``draft_policy``),
 prompt lookup, self-speculation from the model's first layers, EAGLE heads (``eagle``), and a
 shipped draft and EAGLE head for the built-in model
-(``accel.pipelines.load("smollm2-draft")``, ``load("smollm2-eagle")``); continuous
+(``accel.pipelines.load("smollm2-draft")``, ``load("smollm2-eagle")``); grouped-query attention
+over several queries without copying the KV cache (``grouped_attention``), which speculative
+decoding switches the target to for its passes; continuous
 batching of an unmodified transformers model (``batching.ContinuousBatcher``) over a paged KV cache
 (``paged_kv``: block pool, prefix hashing, copy-on-write; ``paged_attention``: registered in
 transformers' attention registry during a step); Mixture of Experts (``moe``: the routings of
 Mixtral, Qwen2-MoE and DeepSeek-V3, capacity, a grouped dispatch registered as a transformers
 experts backend, ``MoEBlock``, sparse upcycling); Mixture of Depths (``mod``: top-k routing per
-sequence through chosen layers, causal predictors and per-layer KV caches for decoding). Still to
-come: trained exit adapters for self-speculation (issue 15).
+sequence through chosen layers, causal predictors and per-layer KV caches for decoding).
+Self-speculation runs untrained (no exit adapters).
 """
