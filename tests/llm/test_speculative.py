@@ -562,10 +562,11 @@ def test_a_row_ending_mid_batch_is_padded_as_generate_pads_it():
         assert torch.equal(out.sequences, expected), proposer
 
 
-def test_a_row_that_ends_leaves_the_batch_and_the_others_decode_on():
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_a_row_that_ends_leaves_the_batch_and_the_others_decode_on(kind):
     """After a row's end-of-sequence token the target runs on the other rows only (its cache and the
     draft's drop the row), and every row is still generate's."""
-    target = causal_lm(seed=0)
+    target = causal_lm(kind, seed=0)
     ids, mask = left_padded([9, 12, 6], seed=4)
     eos = greedy_batch(target, ids, mask, 20)[1, ids.shape[1]:].tolist()[4]  # row 1 stops after five tokens
     expected = greedy_batch(target, ids, mask, 20, eos=eos)
