@@ -139,18 +139,24 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
                 draft.generation_config = saved
         return run
 
+    def adaptive(name: str, proposer: Any):
+        """The proposer's rows with prompt lookup and an adaptive draft length (--confidence, --goodput)."""
+        rows = {}
+        if args.confidence:
+            rows[f"accel shipped {name} + prompt lookup, confidence {args.confidence}"] = accel(
+                draft=proposer, prompt_lookup=args.ngram, draft_confidence=args.confidence)
+        if args.goodput:
+            rows[f"accel shipped {name} + prompt lookup, goodput"] = accel(
+                draft=proposer, prompt_lookup=args.ngram, draft_policy="goodput")
+        return rows
+
     out = {"generate": generate(),
            "accel loop, no draft": accel(prompt_lookup=3, num_draft_tokens=0),
            "accel loop, no draft, F.linear": accel(prompt_lookup=3, num_draft_tokens=0, few_rows=False)}
     if draft is not None:
         out["accel shipped draft"] = accel(draft=draft)
         out["accel shipped draft + prompt lookup"] = accel(draft=draft, prompt_lookup=args.ngram)
-        if args.confidence:
-            out[f"accel shipped draft + prompt lookup, confidence {args.confidence}"] = accel(
-                draft=draft, prompt_lookup=args.ngram, draft_confidence=args.confidence)
-        if args.goodput:
-            out["accel shipped draft + prompt lookup, goodput"] = accel(draft=draft, prompt_lookup=args.ngram,
-                                                                         draft_policy="goodput")
+        out.update(adaptive("draft", draft))
         out["transformers assistant_model (its defaults)"] = assisted({})
         out["transformers assistant_model (same k)"] = assisted(
             {"num_assistant_tokens": k, "num_assistant_tokens_schedule": "constant",
@@ -160,12 +166,7 @@ def variants(args: argparse.Namespace, model: Any, draft: Any, head: Any, shallo
         out["accel shipped EAGLE head + prompt lookup"] = accel(draft=head, prompt_lookup=args.ngram)
         out["accel shipped EAGLE head + prompt lookup, F.linear"] = accel(draft=head, prompt_lookup=args.ngram,
                                                                           few_rows=False)
-        if args.confidence:
-            out[f"accel shipped EAGLE head + prompt lookup, confidence {args.confidence}"] = accel(
-                draft=head, prompt_lookup=args.ngram, draft_confidence=args.confidence)
-        if args.goodput:
-            out["accel shipped EAGLE head + prompt lookup, goodput"] = accel(draft=head, prompt_lookup=args.ngram,
-                                                                              draft_policy="goodput")
+        out.update(adaptive("EAGLE head", head))
     if args.lookup:
         out["accel prompt lookup"] = accel(prompt_lookup=args.ngram)
         out["transformers prompt lookup"] = generate(prompt_lookup_num_tokens=k)

@@ -25,6 +25,7 @@ included. Any other attention implementation is left alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator, Optional, Tuple
 
 import torch
@@ -57,12 +58,13 @@ def grouped_query_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out.reshape(batch, heads, length, dim)
 
 
-def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-               is_causal: Optional[bool] = None, **kwargs: Any) -> Tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: ``[B, H, q, D]`` in, ``[B, q, H, D]`` out."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+def _attention(sdpa_attention_forward: Any, module: Any, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+               scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs: Any
+               ) -> Tuple[torch.Tensor, None]:
+    """transformers' attention-function signature after ``sdpa_attention_forward`` (transformers' own,
+    bound at registration, so that the per-layer call imports nothing): ``[B, H, q, D]`` in,
+    ``[B, q, H, D]`` out."""
     plain = (attention_mask is None or query.shape[2] == 1 or key.shape[1] == query.shape[1] or dropout
              or attention_mask.ndim != 4 or attention_mask.shape[1] != 1
              or any(kwargs.get(option) is not None for option in ("softcap", "position_bias", "s_aux")))
@@ -75,10 +77,11 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
 
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION_NAME, _attention)
+        AttentionInterface.register(ATTENTION_NAME, functools.partial(_attention, sdpa_attention_forward))
         AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the masks sdpa gets, so the same semantics
 
 
